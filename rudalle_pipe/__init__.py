@@ -1,0 +1,43 @@
+"""rudalle_pipe: ruDALL-E text-to-image generation.
+
+The chain mirrors the original package::
+
+    tokenizer = get_tokenizer()
+    dalle = get_rudalle_model("Malevich")
+    vae = get_vae()
+    out = generate_images("рыжий котик", tokenizer, dalle, vae, top_k=2048, top_p=0.995, num_images=8)
+"""
+import logging
+
+from .dalle import DalleConfig, DalleModel, DalleOutput, KVCache
+from .generation import GenerationOutput, filter_logits, generate_images
+from .hub import WeightsNotFoundError
+from .loader import get_rudalle_model, get_tokenizer, get_vae
+from .masks import build_masks, col_mask, conv_mask, row_mask
+from .registry import list_pretrained
+from .tokenizer import YTTMTokenizer, prepare_text
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "DalleConfig",
+    "DalleModel",
+    "DalleOutput",
+    "GenerationOutput",
+    "KVCache",
+    "WeightsNotFoundError",
+    "YTTMTokenizer",
+    "build_masks",
+    "col_mask",
+    "conv_mask",
+    "filter_logits",
+    "generate_images",
+    "get_rudalle_model",
+    "get_tokenizer",
+    "get_vae",
+    "list_pretrained",
+    "prepare_text",
+    "row_mask",
+]

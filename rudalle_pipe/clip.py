@@ -1,0 +1,381 @@
+"""CLIP reranking of generated images ("cherry picking"), built on open_clip.
+
+The original ruDALL-E ranked its candidates with ruCLIP. This module does the same job with any
+`open_clip <https://github.com/mlfoundations/open_clip>`_ model:
+
+* :func:`get_clip` builds an open_clip model, its eval image transform and its tokenizer from a
+  built-in architecture name plus a pretrained tag, a local checkpoint file, an ``hf-hub:org/repo``
+  name or a ``local-dir:/path`` folder. Every download goes through huggingface_hub and honours
+  ``cache_dir`` and ``HF_HUB_OFFLINE``.
+* :func:`cherry_pick_by_clip` scores PIL images against a text by cosine similarity and returns
+  them best first.
+
+The default model, ``xlm-roberta-base-ViT-B-32`` / ``laion5b_s13b_b90k``, has a multilingual text
+tower, so Russian prompts work without translation. open_clip is imported lazily: it is heavy.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .hub import WeightsNotFoundError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_CLIP_MODEL",
+    "DEFAULT_CLIP_PRETRAINED",
+    "ClipBundle",
+    "get_clip",
+    "RerankOutput",
+    "cherry_pick_by_clip",
+]
+
+DEFAULT_CLIP_MODEL = "xlm-roberta-base-ViT-B-32"  # ViT-B/32 image tower, XLM-RoBERTa-base text tower
+DEFAULT_CLIP_PRETRAINED = "laion5b_s13b_b90k"  # LAION-5B weights: hub repo laion/CLIP-ViT-B-32-xlm-roberta-base-laion5B-s13B-b90k
+
+_SCHEMAS = ("hf-hub:", "local-dir:")  # names that carry their own config and weights
+
+
+@dataclass
+class ClipBundle:
+    """An open_clip model with the pieces needed to use it."""
+
+    model: torch.nn.Module = field(repr=False)  # open_clip CLIP / CustomTextCLIP in eval mode
+    preprocess: Callable[[Image.Image], torch.Tensor] = field(repr=False)  # PIL -> float (3, S, S), normalized
+    tokenizer: Callable[..., torch.Tensor] = field(repr=False)  # list[str] -> int64 (T, context_length)
+    name: str  # architecture name, or "hf-hub:org/repo" / "local-dir:/path"
+    pretrained: str | None  # pretrained tag, checkpoint path, or None (random weights / schema name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _validate_source(name: str, pretrained: str | None) -> tuple[str, str | None]:
+    """Check ``name``/``pretrained`` and classify the weights source.
+
+    Returns:
+        ``(kind, pretrained)`` with kind one of ``"schema"`` (hf-hub:/local-dir: name),
+        ``"tag"``, ``"file"`` or ``"random"``; ``pretrained`` is None for schema names.
+    """
+    import open_clip
+
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}: {name!r}")
+    if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
+        raise TypeError(f"pretrained must be a str, a path or None, got {type(pretrained).__name__}")
+    pretrained = None if pretrained is None else str(pretrained)
+
+    if name.startswith(_SCHEMAS):
+        if not name.split(":", 1)[1]:
+            raise ValueError(f"name {name!r} has an empty repo id / folder after the prefix")
+        if pretrained not in (None, DEFAULT_CLIP_PRETRAINED):
+            raise ValueError(
+                f"name {name!r} carries its own weights; pretrained={pretrained!r} would be ignored. "
+                "Pass pretrained=None, or use an architecture name with pretrained=<tag or file>."
+            )
+        return "schema", None
+
+    models = open_clip.list_models()
+    if name not in models:
+        close = difflib.get_close_matches(name, models, n=5, cutoff=0.5)
+        raise ValueError(
+            f"unknown open_clip model {name!r}. "
+            + (f"Did you mean one of {close}? " if close else "")
+            + f"Some valid names: {[DEFAULT_CLIP_MODEL, 'xlm-roberta-large-ViT-H-14', 'ViT-B-32', 'ViT-L-14']} "
+            f"(all {len(models)}: open_clip.list_models()); or 'hf-hub:org/repo'."
+        )
+    if pretrained is None:
+        return "random", None
+    if open_clip.get_pretrained_cfg(name, pretrained):
+        return "tag", pretrained
+    if Path(pretrained).is_file():
+        return "file", pretrained
+    raise ValueError(
+        f"pretrained={pretrained!r} is neither a pretrained tag of {name!r} nor an existing file. "
+        f"Tags for {name!r}: {open_clip.list_pretrained_tags_by_model(name)}; or pass a path to a "
+        ".pt/.bin/.safetensors checkpoint, or pretrained=None for random weights."
+    )
+
+
+def _hub_file(repo_id: str, filename: str, cache_dir: str | None) -> Path:
+    """Local path of one Hub file (downloads unless cached or offline; raises OSError if missing)."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=cache_dir))
+
+
+def _fetch(name: str, kind: str, pretrained: str | None, cache_dir: str | None) -> dict[str, Any]:
+    """Make sure the config and weights are on disk (in ``cache_dir``); return the model config.
+
+    open_clip itself only *warns* when an ``hf-hub:`` repo has no weights and silently builds a
+    random model, so the weights are fetched here first, where a missing file raises.
+    """
+    import open_clip
+    from open_clip.pretrained import download_pretrained, download_pretrained_from_hf
+
+    if name.startswith("hf-hub:"):
+        repo_id = name[len("hf-hub:"):]
+        config = json.loads(_hub_file(repo_id, "open_clip_config.json", cache_dir).read_text("utf-8"))
+        if "model_cfg" not in config:
+            raise ValueError(f"open_clip_config.json of {name!r} has no 'model_cfg' entry")
+        try:  # tries open_clip_model.safetensors, then open_clip_pytorch_model.bin
+            download_pretrained_from_hf(repo_id, cache_dir=cache_dir)
+        except FileNotFoundError as err:  # open_clip's message hides the hub error type; keep it
+            raise FileNotFoundError(f"no open_clip weights in {name!r}: {err}") from err
+        return config["model_cfg"]
+    if kind == "tag":
+        download_pretrained(open_clip.get_pretrained_cfg(name, pretrained), cache_dir=cache_dir)
+    model_cfg = open_clip.get_model_config(name)  # built-in or local-dir: no download
+    if model_cfg is None:
+        raise ValueError(f"no open_clip config found for {name!r}")
+    return model_cfg
+
+
+def _hf_text_tower_override(model_cfg: dict[str, Any], cache_dir: str | None) -> dict[str, Any]:
+    """Point a Hugging Face text tower at a local copy of its ``config.json``.
+
+    open_clip builds such towers (XLM-RoBERTa for the default model) with
+    ``AutoConfig.from_pretrained(name)``, which ignores ``cache_dir``. The config is fetched here
+    through ``cache_dir`` and its snapshot folder is passed instead. The tower's weights always
+    come from the CLIP checkpoint (or stay random for ``pretrained=None``), never from the base
+    model repo.
+
+    Returns:
+        ``{"text_cfg": ...}`` keyword overrides for ``open_clip.create_model``, or ``{}``.
+    """
+    text_cfg = model_cfg.get("text_cfg", {})
+    hf_name = text_cfg.get("hf_model_name")
+    if not hf_name or Path(hf_name).is_dir():
+        return {}
+    local_dir = _hub_file(hf_name, "config.json", cache_dir).parent
+    return {"text_cfg": {**text_cfg, "hf_model_name": str(local_dir), "hf_model_pretrained": False}}
+
+
+def _how_to_fetch(name: str, kind: str, pretrained: str | None, cache_dir: str | None) -> list[str]:
+    """``hf download`` commands that put every file :func:`get_clip` needs into the cache."""
+    import open_clip
+
+    suffix = f" --cache-dir {cache_dir}" if cache_dir else ""
+    commands = []
+    if name.startswith("hf-hub:"):
+        commands.append(f"hf download {name[len('hf-hub:'):]} open_clip_config.json "
+                        f"open_clip_pytorch_model.bin{suffix}")
+    elif kind == "tag":
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if cfg.get("hf_hub"):
+            repo_id, filename = os.path.split(cfg["hf_hub"])
+            commands.append(f"hf download {repo_id} {filename or 'open_clip_pytorch_model.bin'}{suffix}")
+        elif cfg.get("url"):
+            commands.append(f"download {cfg['url']} and pass the file as pretrained=<path>")
+    model_cfg = None if name.startswith("hf-hub:") else open_clip.get_model_config(name)
+    hf_name = (model_cfg or {}).get("text_cfg", {}).get("hf_model_name")
+    if hf_name:
+        commands.append(f"hf download {hf_name} --include '*.json' '*.model'{suffix}  (text tower config and tokenizer)")
+    return commands
+
+
+def get_clip(
+    name: str = DEFAULT_CLIP_MODEL,
+    pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
+    *,
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+) -> ClipBundle:
+    """Build an open_clip model, its eval transform and tokenizer, in eval mode on ``device``.
+
+    Args:
+        name: an open_clip architecture (``open_clip.list_models()``), ``"hf-hub:org/repo"`` (a
+            Hub repo holding ``open_clip_config.json`` and weights) or ``"local-dir:/path"``.
+        pretrained: for architecture names, a pretrained tag
+            (``open_clip.list_pretrained_tags_by_model(name)``), a path to a ``.pt``/``.bin``/
+            ``.safetensors`` checkpoint of that architecture, or None for random weights (tests,
+            training). Schema names carry their own weights and take None or the default.
+        device: where the model lives; weights stay fp32.
+        cache_dir: Hugging Face cache folder for every download (default: the HF cache).
+
+    Raises:
+        ValueError: unknown model name or tag, or a local checkpoint that does not fit ``name``.
+        WeightsNotFoundError: the files are not cached and cannot be downloaded (offline); the
+            message lists the ``hf download`` commands that fetch them.
+    """
+    import open_clip
+
+    kind, pretrained = _validate_source(name, pretrained)
+    cache_dir = None if cache_dir is None else str(cache_dir)
+    try:
+        model_cfg = _fetch(name, kind, pretrained, cache_dir)
+        overrides = _hf_text_tower_override(model_cfg, cache_dir)
+        tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+        reason = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
+        steps = "\n  ".join(_how_to_fetch(name, kind, pretrained, cache_dir))
+        alternative = (
+            ", or put the repo files in a folder and pass name='local-dir:<folder>'"
+            if kind == "schema" else ", or pass a local checkpoint file as pretrained=<path>"
+        )
+        raise WeightsNotFoundError(
+            f"CLIP model {name!r} (pretrained={pretrained!r}) needs files that are not in the cache "
+            f"({cache_dir or 'default Hugging Face cache'}) and {reason}. On a machine with network "
+            f"access run\n  {steps}\nand copy the cache here{alternative}. "
+            f"Cause: {type(err).__name__}: {err}"
+        ) from err
+
+    if kind == "random":
+        logger.warning("CLIP %s built with random weights (pretrained=None)", name)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name,
+            pretrained,
+            device=device,
+            cache_dir=cache_dir,
+            pretrained_text=False,  # never fetch base text-tower weights; the CLIP checkpoint has them
+            require_pretrained=kind != "random",
+            **overrides,
+        )
+    except Exception as err:  # noqa: BLE001 - re-raised with the checkpoint and architecture named
+        if kind == "file" or name.startswith("local-dir:"):
+            raise ValueError(
+                f"could not load the CLIP checkpoint {pretrained or name!r} into architecture "
+                f"{name!r}: {type(err).__name__}: {err}"
+            ) from err
+        raise
+    model.eval()
+    logger.info("loaded CLIP %s (pretrained=%s) on %s", name, pretrained, device)
+    return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, name=name, pretrained=pretrained)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reranking
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RerankOutput:
+    """Images sorted by CLIP score, best first."""
+
+    images: list[Image.Image]  # the input images, best first
+    scores: list[float]  # cosine similarity to the text, in [-1, 1], same order
+    indices: list[int]  # position of each image in the input list
+
+
+def _check_rerank_inputs(
+    images: Sequence[Image.Image],
+    text: str,
+    clip: ClipBundle,
+    top_n: int | None,
+    batch_size: int,
+    templates: Sequence[str] | None,
+) -> None:
+    """Raise TypeError/ValueError naming the bad argument; return quietly when all are valid."""
+    if isinstance(images, (Image.Image, str)) or not isinstance(images, Sequence):
+        raise TypeError(f"images must be a list of PIL images, got {type(images).__name__}")
+    if len(images) == 0:
+        raise ValueError("images is empty: there is nothing to rank")
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"images[{i}] is a {type(image).__name__}, expected a PIL.Image.Image")
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}: {text!r}")
+    if not isinstance(clip, ClipBundle):
+        raise TypeError(f"clip must be a ClipBundle from get_clip(), got {type(clip).__name__}")
+    if top_n is not None:
+        if isinstance(top_n, bool) or not isinstance(top_n, int):
+            raise TypeError(f"top_n must be an int or None, got {type(top_n).__name__}: {top_n!r}")
+        if top_n < 1:
+            raise ValueError(f"top_n must be >= 1 (or None for all images), got {top_n}")
+        if top_n > len(images):
+            raise ValueError(f"top_n={top_n} is larger than the number of images ({len(images)})")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}: {batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if templates is not None:
+        if isinstance(templates, str) or not isinstance(templates, Sequence):
+            raise TypeError(f"templates must be a list of str, got {type(templates).__name__}")
+        if len(templates) == 0:
+            raise ValueError("templates is empty; pass None to use the text as it is")
+        for i, template in enumerate(templates):
+            if not isinstance(template, str) or "{}" not in template:
+                raise ValueError(f"templates[{i}] = {template!r} must be a str containing '{{}}'")
+
+
+def _text_embedding(text: str, clip: ClipBundle, templates: Sequence[str] | None) -> torch.Tensor:
+    """Unit-norm text embedding, float32 (D,): the renormalized mean over the filled templates."""
+    device = next(clip.model.parameters()).device
+    prompts = [t.replace("{}", text) for t in templates] if templates else [text]
+    tokens = clip.tokenizer(prompts).to(device)  # (T, context_length) int64
+    emb = F.normalize(clip.model.encode_text(tokens).float(), dim=-1)  # (T, D)
+    return F.normalize(emb.mean(dim=0), dim=-1)  # (D,)
+
+
+def _image_embeddings(
+    images: Sequence[Image.Image], clip: ClipBundle, batch_size: int, progress: bool
+) -> torch.Tensor:
+    """Unit-norm image embeddings, float32 (N, D), computed ``batch_size`` images at a time."""
+    param = next(clip.model.parameters())
+    chunks = []
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc="CLIP", disable=not progress, leave=False):
+        batch = [clip.preprocess(image) for image in images[start:start + batch_size]]  # each (3, S, S)
+        pixels = torch.stack(batch).to(device=param.device, dtype=param.dtype)  # (B, 3, S, S)
+        chunks.append(F.normalize(clip.model.encode_image(pixels).float(), dim=-1))  # (B, D)
+    return torch.cat(chunks)  # (N, D)
+
+
+def cherry_pick_by_clip(
+    images: Sequence[Image.Image],
+    text: str,
+    clip: ClipBundle,
+    *,
+    top_n: int | None = None,
+    batch_size: int = 16,
+    templates: Sequence[str] | None = None,
+    progress: bool = True,
+) -> RerankOutput:
+    """Rank ``images`` by CLIP cosine similarity to ``text``, best first.
+
+    Args:
+        images: candidate PIL images (any size/mode; ``clip.preprocess`` resizes and converts).
+        text: the prompt, used as is (no lowercasing); Russian works with the default model.
+        clip: a bundle from :func:`get_clip`; runs on the device of its parameters.
+        top_n: keep the best ``top_n`` (1 <= top_n <= len(images)), or None for all. A ``top_n``
+            larger than the number of images is an error, not silently clipped.
+        batch_size: images per forward pass.
+        templates: optional prompt templates such as ``"изображение {}"``; every ``{}`` is
+            replaced by ``text`` and the text embedding is the renormalized mean of the
+            normalized template embeddings (as ruCLIP did).
+        progress: show a tqdm bar over the image batches.
+
+    Returns:
+        :class:`RerankOutput`; ties keep their input order (stable sort).
+    """
+    _check_rerank_inputs(images, text, clip, top_n, batch_size, templates)
+    images = list(images)
+    with torch.inference_mode():
+        text_emb = _text_embedding(text, clip, templates)  # (D,)
+        image_emb = _image_embeddings(images, clip, batch_size, progress)  # (N, D)
+        scores = (image_emb @ text_emb).cpu()  # (N,) cosine similarities
+    if not torch.isfinite(scores).all():
+        raise RuntimeError(f"CLIP produced non-finite scores {scores.tolist()}; check the model weights/dtype")
+    values = scores.tolist()
+    order = sorted(range(len(images)), key=lambda i: -values[i])[:top_n]  # stable: ties keep input order
+    logger.info("CLIP scores for %r: best %.4f, worst %.4f", text, max(values), min(values))
+    return RerankOutput(
+        images=[images[i] for i in order],
+        scores=[values[i] for i in order],
+        indices=order,
+    )

@@ -1,0 +1,250 @@
+"""Sampling images from a ruDALL-E generator: filters, the cached sampling loop, and
+:func:`generate_images`.
+
+Each step feeds only the newest image code through the model (a true key/value cache; see
+:class:`rudalle_pipe.dalle.KVCache`) and computes logits for the image vocabulary of that one
+position. Randomness comes from one ``torch.Generator`` per image, seeded from ``seed`` or from the
+caller's ``generator``, so an image depends on its seed and never on ``batch_size``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .dalle import DalleModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GenerationOutput", "filter_logits", "sample_codes", "generate_images", "codes_to_images"]
+
+_MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class GenerationOutput:
+    """Result of :func:`generate_images`.
+
+    images: ``num_images`` PIL RGB images (256x256 for the Sber VQGAN, 512x512 with its DWT decoder).
+    codes: ``[num_images, 1024]`` LongTensor of sampled VQGAN codes, row-major 32x32 grid.
+    perplexities: one float per image, the original's definition: the mean over the image tokens of
+        ``exp(cross-entropy)`` of the sampled code under the unfiltered model at temperature 1.
+        Lower means the model found the image more likely.
+    seeds: the seed of each image's generator; ``generate_images(..., seed=s, num_images=1)``
+        reproduces the image whose seed is ``s``.
+    """
+
+    images: list[Image.Image]
+    codes: torch.Tensor
+    perplexities: list[float]
+    seeds: list[int] = field(default_factory=list)
+
+
+def check_sampling_args(*, top_k: int, top_p: float, temperature: float, vocab: int) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the bad value and the valid range."""
+    if not isinstance(top_k, int) or isinstance(top_k, bool):
+        raise TypeError(f"top_k must be an int in [1, {vocab}], got {top_k!r} ({type(top_k).__name__})")
+    if not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k must be in [1, {vocab}] (the image vocabulary), got {top_k}")
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool):
+        raise TypeError(f"top_p must be a float in (0, 1], got {top_p!r} ({type(top_p).__name__})")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+        raise TypeError(f"temperature must be a float > 0, got {temperature!r} ({type(temperature).__name__})")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _check_count(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def filter_logits(logits: torch.Tensor, *, top_k: int, top_p: float, temperature: float = 1.0) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, in the original's order and semantics.
+
+    Args:
+        logits: ``[B, V]`` raw scores.
+        top_k: keep the ``top_k`` largest scores (ties with the k-th are kept too).
+        top_p: then sort descending and drop every token after the first one whose cumulative
+            probability exceeds ``top_p``; the best token always survives.
+        temperature: scores are divided by it first.
+
+    Returns:
+        ``[B, V]`` float scores with dropped tokens set to ``-inf``.
+    """
+    logits = logits.float() / temperature
+    if top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+        drop_sorted = cumulative > top_p
+        drop_sorted[..., 1:] = drop_sorted[..., :-1].clone()  # keep the token that crosses top_p
+        drop_sorted[..., 0] = False  # always keep the best token
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _seeds_for(num_images: int, seed: Optional[int], generator: Optional[torch.Generator]) -> list[int]:
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if seed is not None:
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= _MAX_SEED - num_images:
+            raise ValueError(f"seed must be an int in [0, 2**63 - 1 - num_images], got {seed!r}")
+        return [seed + i for i in range(num_images)]
+    if generator is None:
+        generator = torch.Generator()
+        generator.seed()  # fresh entropy; the seeds are reported so the images can be reproduced
+    return [int(s) for s in torch.randint(0, _MAX_SEED, (num_images,), generator=generator)]
+
+
+@torch.inference_mode()
+def sample_codes(
+    dalle: DalleModel,
+    text_ids: torch.Tensor,
+    *,
+    seeds: Sequence[int],
+    top_k: int,
+    top_p: float,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    use_cache: bool = True,
+    forced_codes: Optional[torch.Tensor] = None,
+    forced_mask: Optional[torch.Tensor] = None,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``len(seeds)`` code grids for one tokenized text.
+
+    Args:
+        text_ids: ``[text_seq_length]`` LongTensor from ``tokenizer.encode_text``.
+        seeds: one generator seed per image.
+        forced_codes, forced_mask: optional ``[image_seq_length]`` codes and bool mask; where the
+            mask is True the code is copied in instead of sampled (image prompts).
+        use_cache: False recomputes the whole sequence every step (slow; for benchmarks and checks).
+
+    Returns:
+        ``codes [N, image_seq_length]`` LongTensor and ``perplexities [N]`` float tensor.
+    """
+    cfg = dalle.config
+    n_img = cfg.image_seq_length
+    device = dalle.device
+    text_ids = text_ids.to(device).view(1, -1)
+    if text_ids.shape[1] != cfg.text_seq_length:
+        raise ValueError(f"text_ids must have {cfg.text_seq_length} ids, got {text_ids.shape[1]}")
+    if forced_mask is None:
+        forced_mask = torch.zeros(n_img, dtype=torch.bool)
+    forced_mask = forced_mask.cpu().bool()
+    if forced_mask.any():
+        if forced_codes is None or forced_codes.shape != (n_img,):
+            raise ValueError(f"forced_codes must be a [{n_img}] LongTensor when forced_mask is set")
+        forced_codes = forced_codes.to(device)
+    all_codes, all_ppl = [], []
+    bar = tqdm(total=len(seeds) * n_img, desc="generating", unit="tok", disable=not progress)
+    for first in range(0, len(seeds), batch_size):
+        batch_seeds = seeds[first : first + batch_size]
+        B = len(batch_seeds)
+        gens = [torch.Generator(device=device).manual_seed(s) for s in batch_seeds]
+        codes = torch.zeros(B, n_img, dtype=torch.long, device=device)
+        nll = torch.zeros(B, n_img, dtype=torch.float32, device=device)
+        cache = dalle.init_cache(B) if use_cache else None
+        prefix = text_ids.expand(B, -1)
+        out = dalle(prefix, past_key_values=cache, use_cache=use_cache,
+                    image_logits_only=True, last_only=True)  # prefill the text once
+        for p in range(n_img):
+            logits = out.logits[:, -1].float()  # (B, vocab): image codes only
+            if forced_mask[p]:
+                token = forced_codes[p].expand(B)
+            else:
+                probs = filter_logits(logits, top_k=top_k, top_p=top_p, temperature=temperature).softmax(-1)
+                token = torch.cat([torch.multinomial(probs[i], 1, generator=gens[i]) for i in range(B)])
+            nll[:, p] = -logits.log_softmax(-1).gather(1, token[:, None])[:, 0]
+            codes[:, p] = token
+            bar.update(B)
+            if p == n_img - 1:
+                break
+            if use_cache:
+                out = dalle(token[:, None], past_key_values=cache, use_cache=True,
+                            image_logits_only=True, last_only=True)
+            else:
+                out = dalle(torch.cat((prefix, codes[:, : p + 1]), dim=1),
+                            image_logits_only=True, last_only=True)
+        all_codes.append(codes.cpu())
+        all_ppl.append(nll.exp().mean(dim=1).cpu())
+    bar.close()
+    return torch.cat(all_codes), torch.cat(all_ppl)
+
+
+@torch.inference_mode()
+def codes_to_images(vae, codes: torch.Tensor, *, batch_size: int = 8) -> list[Image.Image]:
+    """Decode ``codes [N, h*w]`` with ``vae.decode`` (images in [0, 1]) into PIL RGB images."""
+    device = next(vae.parameters()).device
+    images = []
+    for first in range(0, codes.shape[0], batch_size):
+        pixels = vae.decode(codes[first : first + batch_size].to(device)).float().clamp(0, 1)  # (b, 3, H, W)
+        array = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images.extend(Image.fromarray(a) for a in array)
+    return images
+
+
+def generate_images(
+    text: str,
+    tokenizer,
+    dalle: DalleModel,
+    vae,
+    *,
+    top_k: int,
+    top_p: float,
+    num_images: int,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> GenerationOutput:
+    """Generate ``num_images`` pictures for ``text``, like the original ``generate_images``.
+
+    Steps: 1. normalise and tokenize the text (lowercase, strip, 128 ids); 2. pick one seed per image;
+    3. sample 1024 codes per image with the cache; 4. decode them with the VQGAN.
+
+    Args:
+        text: the prompt (Russian for the ruDALL-E models).
+        tokenizer: from :func:`rudalle_pipe.get_tokenizer`.
+        dalle: from :func:`rudalle_pipe.get_rudalle_model`.
+        vae: from :func:`rudalle_pipe.get_vae`.
+        top_k: keep the k most likely image codes, in ``[1, 8192]``; ``top_k=1`` is greedy.
+        top_p: nucleus threshold in ``(0, 1]``. Recommended pairs: 2048/0.995, 1536/0.99, 1024/0.99.
+        num_images: how many images, >= 1.
+        temperature: > 0; divides the logits before the filters.
+        batch_size: images sampled together; changes speed and memory, never the images.
+        generator: seeds are drawn from it (reproducible); or give ``seed`` (image i gets seed+i).
+        use_cache: keep True; False recomputes the whole sequence at every step.
+        progress: show a tqdm bar.
+    """
+    from .tokenizer import prepare_text
+
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    check_sampling_args(top_k=top_k, top_p=top_p, temperature=temperature, vocab=dalle.config.image_vocab_size)
+    _check_count("num_images", num_images)
+    _check_count("batch_size", batch_size)
+    text_ids = tokenizer.encode_text(prepare_text(text), dalle.config.text_seq_length)
+    seeds = _seeds_for(num_images, seed, generator)
+    logger.info("generating %d images for %r (top_k=%d, top_p=%s, temperature=%s)",
+                num_images, text, top_k, top_p, temperature)
+    codes, ppl = sample_codes(dalle, text_ids, seeds=seeds, top_k=top_k, top_p=top_p,
+                              temperature=temperature, batch_size=batch_size, use_cache=use_cache,
+                              progress=progress)
+    images = codes_to_images(vae, codes, batch_size=batch_size)
+    return GenerationOutput(images=images, codes=codes, perplexities=ppl.tolist(), seeds=seeds)
