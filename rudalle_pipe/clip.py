@@ -79,8 +79,11 @@ def _validate_source(name: str, pretrained: str | None) -> tuple[str, str | None
     pretrained = None if pretrained is None else str(pretrained)
 
     if name.startswith(_SCHEMAS):
-        if not name.split(":", 1)[1]:
+        target = name.split(":", 1)[1]
+        if not target:
             raise ValueError(f"name {name!r} has an empty repo id / folder after the prefix")
+        if name.startswith("local-dir:") and not (Path(target) / "open_clip_config.json").is_file():
+            raise ValueError(f"name {name!r}: {Path(target) / 'open_clip_config.json'} does not exist")
         if pretrained not in (None, DEFAULT_CLIP_PRETRAINED):
             raise ValueError(
                 f"name {name!r} carries its own weights; pretrained={pretrained!r} would be ignored. "
@@ -164,7 +167,9 @@ def _hf_text_tower_override(model_cfg: dict[str, Any], cache_dir: str | None) ->
     return {"text_cfg": {**text_cfg, "hf_model_name": str(local_dir), "hf_model_pretrained": False}}
 
 
-def _how_to_fetch(name: str, kind: str, pretrained: str | None, cache_dir: str | None) -> list[str]:
+def _how_to_fetch(
+    name: str, kind: str, pretrained: str | None, cache_dir: str | None, model_cfg: dict[str, Any] | None
+) -> list[str]:
     """``hf download`` commands that put every file :func:`get_clip` needs into the cache."""
     import open_clip
 
@@ -180,7 +185,8 @@ def _how_to_fetch(name: str, kind: str, pretrained: str | None, cache_dir: str |
             commands.append(f"hf download {repo_id} {filename or 'open_clip_pytorch_model.bin'}{suffix}")
         elif cfg.get("url"):
             commands.append(f"download {cfg['url']} and pass the file as pretrained=<path>")
-    model_cfg = None if name.startswith("hf-hub:") else open_clip.get_model_config(name)
+    if model_cfg is None and not name.startswith("hf-hub:"):
+        model_cfg = open_clip.get_model_config(name)
     hf_name = (model_cfg or {}).get("text_cfg", {}).get("hf_model_name")
     if hf_name:
         commands.append(f"hf download {hf_name} --include '*.json' '*.model'{suffix}  (text tower config and tokenizer)")
@@ -215,14 +221,16 @@ def get_clip(
 
     kind, pretrained = _validate_source(name, pretrained)
     cache_dir = None if cache_dir is None else str(cache_dir)
+    model_cfg = None
     try:
         model_cfg = _fetch(name, kind, pretrained, cache_dir)
         overrides = _hf_text_tower_override(model_cfg, cache_dir)
         tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
     except OSError as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
-        reason = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
-        steps = "\n  ".join(_how_to_fetch(name, kind, pretrained, cache_dir))
+        from huggingface_hub import constants
+
+        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+        steps = "\n  ".join(_how_to_fetch(name, kind, pretrained, cache_dir, model_cfg))
         alternative = (
             ", or put the repo files in a folder and pass name='local-dir:<folder>'"
             if kind == "schema" else ", or pass a local checkpoint file as pretrained=<path>"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -172,7 +173,7 @@ def test_default_model_offline_without_cache_names_the_repos(offline, tmp_path):
 # ----------------------------------------------------------------------------- hf-hub cache
 
 
-def _fake_hub_repo(cache_dir, repo_id: str, files: dict[str, bytes | dict]) -> None:
+def _fake_hub_repo(cache_dir, repo_id: str, files: dict[str, bytes | dict]) -> Path:
     """Lay out ``files`` like huggingface_hub's cache: refs/main -> snapshots/<commit>/..."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo_dir = cache_dir / f"models--{repo_id.replace('/', '--')}"
@@ -190,6 +191,7 @@ def _fake_hub_repo(cache_dir, repo_id: str, files: dict[str, bytes | dict]) -> N
                 torch.save(content, snapshot / filename)
         else:
             (snapshot / filename).write_bytes(content)
+    return snapshot
 
 
 _HUB_CONFIG = json.dumps(
@@ -219,9 +221,27 @@ def test_get_clip_local_dir(tiny_clip, tmp_path):
     save_file(state, str(tmp_path / "open_clip_model.safetensors"))
     loaded = get_clip(f"local-dir:{tmp_path}", None)
     assert all(torch.equal(v, state[k]) for k, v in loaded.model.state_dict().items())
+    with pytest.raises(ValueError, match=r"nowhere.*open_clip_config\.json does not exist"):
+        get_clip(f"local-dir:{tmp_path / 'nowhere'}", None)
     (tmp_path / "open_clip_model.safetensors").unlink()
     with pytest.raises(ValueError, match=r"local-dir:"):  # open_clip alone would build a random model
         get_clip(f"local-dir:{tmp_path}", None)
+
+
+def test_get_clip_pretrained_tag_from_cache_dir(offline, monkeypatch, tiny_name, tiny_clip, tmp_path):
+    """A pretrained tag resolves to its Hub repo, read from cache_dir (a tag made up for the test)."""
+    import open_clip.pretrained
+
+    tag_cfg = {"url": "", "hf_hub": "someorg/tiny-tag/", "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, tiny_name, {"tiny_tag": tag_cfg})
+    state = {k: v.clone() for k, v in tiny_clip.model.state_dict().items()}
+    with pytest.raises(WeightsNotFoundError, match=r"hf download someorg/tiny-tag open_clip_pytorch_model\.bin"):
+        get_clip(tiny_name, "tiny_tag", cache_dir=tmp_path)
+    _fake_hub_repo(tmp_path, "someorg/tiny-tag", {"open_clip_pytorch_model.bin": state})
+    loaded = get_clip(tiny_name, "tiny_tag", cache_dir=tmp_path)
+    assert all(torch.equal(v, state[k]) for k, v in loaded.model.state_dict().items())
+    white = loaded.preprocess(Image.new("RGB", (32, 32), (255, 255, 255)))
+    assert torch.allclose(white, torch.full_like(white, 2.0))  # the tag's mean/std
 
 
 def test_get_clip_hf_hub_without_weights_is_an_error(offline, tmp_path):
@@ -234,6 +254,49 @@ def test_get_clip_hf_hub_without_weights_is_an_error(offline, tmp_path):
 def test_get_clip_hf_hub_missing_repo_offline(offline, tmp_path):
     with pytest.raises(WeightsNotFoundError, match=r"(?s)hf-hub:someorg/absent.*HF_HUB_OFFLINE"):
         get_clip("hf-hub:someorg/absent", cache_dir=tmp_path)
+
+
+def test_hf_text_tower_comes_from_cache_dir(offline, tiny_clip, tmp_path):
+    """The default model's kind: a Hugging Face (XLM-RoBERTa) text tower, here tiny and fake.
+
+    open_clip builds such towers with AutoConfig.from_pretrained(name), ignoring cache_dir;
+    get_clip must still find the tower's config and tokenizer in cache_dir while offline.
+    """
+    import open_clip
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, XLMRobertaConfig
+
+    snapshot = _fake_hub_repo(tmp_path, "someorg/tiny-xlmr", {})
+    XLMRobertaConfig(
+        vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=80,  # 77 tokens + roberta's offset of 2
+    ).save_pretrained(snapshot)
+    vocab = {w: i for i, w in enumerate(["<s>", "<pad>", "</s>", "<unk>", *TEXT_A.split(), *TEXT_B.split()])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(snapshot)
+    name = "rudalle-pipe-tiny-xlmr-test-clip"
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 32, "patch_size": 16},
+        "text_cfg": {"hf_model_name": "someorg/tiny-xlmr", "hf_tokenizer_name": "someorg/tiny-xlmr",
+                     "hf_pooler_type": "mean_pooler"},
+    }
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+
+    random_clip = get_clip(name, None, cache_dir=tmp_path)
+    assert random_clip.tokenizer([TEXT_A])[0, :4].tolist() == [4, 5, 1, 1]  # the fake vocab: красный квадрат <pad>
+    path = tmp_path / "tiny_xlmr.pt"
+    torch.save(random_clip.model.state_dict(), path)
+    loaded = get_clip(name, str(path), cache_dir=tmp_path)
+    text = loaded.tokenizer([TEXT_A, TEXT_B])
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_text(text), random_clip.model.encode_text(text))
+    out = cherry_pick_by_clip(_noise_images(3, seed=4), TEXT_A, loaded, progress=False)
+    assert sorted(out.indices) == [0, 1, 2]
 
 
 # ------------------------------------------------------------------------------- reranking
