@@ -15,13 +15,9 @@ positions. Both layouts are handled here by position arithmetic, never by branch
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -152,9 +148,14 @@ class SelfAttention(nn.Module):
             cache_k[:, :, start : start + T] = k
             cache_v[:, :, start : start + T] = v
             k, v = cache_k[:, :, : start + T], cache_v[:, :, : start + T]  # (B, nh, start+T, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
-        )  # (B, nh, T, hd)
+        if T <= 4 and not self.training:
+            # decoding a few positions: plain matmuls beat the fused CPU kernel's fixed setup cost
+            scores = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (B, nh, T, start+T)
+            y = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v  # (B, nh, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0
+            )  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.dense(y).clamp(-FP16_MAX, FP16_MAX))
 
@@ -388,20 +389,9 @@ class DalleModel(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
         """Write ``config.json`` and ``model.safetensors`` (sharded with an index above
         ``max_shard_size``) in the Hugging Face layout. Refuses to overwrite existing weights."""
-        from huggingface_hub import save_torch_state_dict
+        from .hub import save_pretrained
 
-        save_directory = Path(save_directory)
-        existing = sorted(p.name for p in save_directory.glob("*.safetensors*")) if save_directory.exists() else []
-        if existing or (save_directory / "config.json").exists():
-            raise FileExistsError(
-                f"{save_directory} already holds a saved model ({', '.join(existing) or 'config.json'}); "
-                "choose an empty directory"
-            )
-        save_directory.mkdir(parents=True, exist_ok=True)
-        config = {"model_type": "rudalle", "dtype": str(self.dtype).removeprefix("torch."),
-                  **dataclasses.asdict(self.config)}
-        (save_directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_torch_state_dict(self.state_dict(), save_directory, max_shard_size=max_shard_size)
+        save_pretrained(self, self.config, save_directory, model_type="rudalle", max_shard_size=max_shard_size)
 
     def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool = False,
                     commit_message: str = "Upload ruDALL-E generator") -> str:
@@ -422,40 +412,10 @@ class DalleModel(nn.Module):
                         **config_overrides) -> "DalleModel":
         """Load a model saved by :meth:`save_pretrained` from a local directory, on the meta device
         first so the weights are materialised once."""
-        from huggingface_hub import load_state_dict_from_file
+        from .hub import load_pretrained
 
-        from .hub import load_state_dict_lazily
-
-        directory = Path(directory)
-        config = config_from_json(directory / "config.json", **config_overrides)
-        index = directory / "model.safetensors.index.json"
-        if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        else:
-            files = ["model.safetensors"]
-        state_dict: dict[str, torch.Tensor] = {}
-        for name in files:
-            path = directory / name
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} listed by the saved model is missing")
-            try:
-                state_dict.update(load_state_dict_from_file(path, map_location="cpu"))
-            except Exception as err:  # noqa: BLE001
-                raise ValueError(f"could not read {path}: truncated or corrupt ({err})") from err
-        with torch.device("meta"):
-            model = cls(config)
-        load_state_dict_lazily(model, state_dict, what=str(directory), dtype=dtype, device=device)
-        return model.eval()
-
-
-def config_from_json(path: str | os.PathLike, **overrides) -> DalleConfig:
-    """Read a ``config.json`` written by :meth:`DalleModel.save_pretrained` into a config."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {path.parent}: not a saved rudalle_pipe model")
-    raw = json.loads(path.read_text())
-    names = {f.name for f in dataclasses.fields(DalleConfig)}
-    return DalleConfig(**{k: v for k, v in raw.items() if k in names}, **overrides)
+        return load_pretrained(cls, DalleConfig, directory, model_type="rudalle", device=device, dtype=dtype,
+                               **config_overrides)
 
 
 def convert_rudalle_state_dict(raw: dict[str, torch.Tensor], config: DalleConfig) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .dalle import DalleModel
+from .dalle import DalleModel, DalleOutput
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,47 @@ def filter_logits(logits: torch.Tensor, *, top_k: int, top_p: float, temperature
     return logits
 
 
+def filtered_candidates(
+    logits: torch.Tensor, *, top_k: int, top_p: float, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same filter as :func:`filter_logits`, returned compactly for sampling.
+
+    Only the ``top_k`` best scores are sorted (a full sort happens only when ties with the k-th score
+    spill past k), so a step costs O(V + k log k) instead of sorting the whole vocabulary.
+
+    Returns:
+        ``scores [B, m]`` sorted descending, dropped entries ``-inf``, and their vocabulary
+        indices ``[B, m]``; ``m >= top_k`` only when there are ties.
+    """
+    logits = logits.float() / temperature
+    vocab = logits.shape[-1]
+    scores, index = None, None
+    if top_k < vocab:
+        scores, index = logits.topk(top_k, dim=-1)  # (B, k), descending
+        if int((logits >= scores[:, -1:]).sum(dim=-1).max()) > top_k:  # ties with the k-th survive too
+            scores, index = None, None
+    if scores is None:
+        scores, index = logits.sort(dim=-1, descending=True)  # (B, V)
+        if top_k < vocab:
+            scores = scores.masked_fill(scores < scores[:, top_k - 1 : top_k], float("-inf"))
+    if top_p < 1.0:
+        cumulative = scores.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative > top_p
+        drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses top_p
+        drop[..., 0] = False  # always keep the best token
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores, index
+
+
+def _draw(logits: torch.Tensor, generators: Sequence[torch.Generator], **filters) -> torch.Tensor:
+    """One code per row from ``softmax(filter_logits(logits))``, row ``i`` drawing only from
+    ``generators[i]`` so that a row's sample never depends on the other rows. Returns ``[B]``."""
+    scores, index = filtered_candidates(logits, **filters)
+    probs = scores.softmax(dim=-1)  # (B, m)
+    picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+    return index.gather(1, picks[:, None])[:, 0]
+
+
 def _seeds_for(num_images: int, seed: Optional[int], generator: Optional[torch.Generator]) -> list[int]:
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
@@ -131,7 +172,8 @@ def sample_codes(
         seeds: one generator seed per image.
         forced_codes, forced_mask: optional ``[image_seq_length]`` codes and bool mask; where the
             mask is True the code is copied in instead of sampled (image prompts).
-        use_cache: False recomputes the whole sequence every step (slow; for benchmarks and checks).
+        use_cache: False recomputes the whole sequence and its logits every step, as a model
+            without a cache must (slow; for benchmarks and checks).
 
     Returns:
         ``codes [N, image_seq_length]`` LongTensor and ``perplexities [N]`` float tensor.
@@ -166,8 +208,7 @@ def sample_codes(
             if forced_mask[p]:
                 token = forced_codes[p].expand(B)
             else:
-                probs = filter_logits(logits, top_k=top_k, top_p=top_p, temperature=temperature).softmax(-1)
-                token = torch.cat([torch.multinomial(probs[i], 1, generator=gens[i]) for i in range(B)])
+                token = _draw(logits, gens, top_k=top_k, top_p=top_p, temperature=temperature)
             nll[:, p] = -logits.log_softmax(-1).gather(1, token[:, None])[:, 0]
             codes[:, p] = token
             bar.update(B)
@@ -176,9 +217,9 @@ def sample_codes(
             if use_cache:
                 out = dalle(token[:, None], past_key_values=cache, use_cache=True,
                             image_logits_only=True, last_only=True)
-            else:
-                out = dalle(torch.cat((prefix, codes[:, : p + 1]), dim=1),
-                            image_logits_only=True, last_only=True)
+            else:  # what a model without a cache does: the whole sequence and all its logits again
+                full = dalle(torch.cat((prefix, codes[:, : p + 1]), dim=1)).logits  # (B, L, V_text + V_image)
+                out = DalleOutput(logits=full[:, -1:, cfg.vocab_size :])
         all_codes.append(codes.cpu())
         all_ppl.append(nll.exp().mean(dim=1).cpu())
     bar.close()

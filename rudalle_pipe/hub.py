@@ -15,10 +15,12 @@ Everything that touches the network or unpickles weights goes through this modul
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping, TypeVar
 
 import torch
 from torch import nn
@@ -31,7 +33,12 @@ __all__ = [
     "read_checkpoint",
     "check_state_dict",
     "load_state_dict_lazily",
+    "save_pretrained",
+    "load_pretrained",
+    "read_config",
 ]
+
+M = TypeVar("M", bound=nn.Module)
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -200,3 +207,71 @@ def load_state_dict_lazily(
         converted[key] = tensor.to(device=device)
     module.load_state_dict(converted, strict=True, assign=True)
     return module
+
+
+# ---------------------------------------------------------------- Hugging Face layout save / load
+def save_pretrained(
+    module: nn.Module, config: Any, directory: str | os.PathLike, *, model_type: str,
+    max_shard_size: int | str = "5GB",
+) -> Path:
+    """Write ``config.json`` (the config dataclass plus ``model_type``) and ``model.safetensors``
+    (sharded with ``model.safetensors.index.json`` above ``max_shard_size``) into ``directory``.
+
+    Raises ``FileExistsError`` rather than overwrite a model already saved there.
+    """
+    from huggingface_hub import save_torch_state_dict
+
+    directory = Path(directory)
+    existing = sorted(p.name for p in directory.glob("*.safetensors*")) if directory.exists() else []
+    if existing or (directory / "config.json").exists():
+        raise FileExistsError(
+            f"{directory} already holds a saved model ({', '.join(existing) or 'config.json'}); "
+            "choose an empty directory"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = next(module.parameters()).dtype
+    payload = {"model_type": model_type, "dtype": str(dtype).removeprefix("torch."), **dataclasses.asdict(config)}
+    (directory / "config.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    save_torch_state_dict(module.state_dict(), directory, max_shard_size=max_shard_size)
+    return directory
+
+
+def read_config(directory: str | os.PathLike, config_cls: type, *, model_type: str, **overrides: Any) -> Any:
+    """The ``config_cls`` stored in ``directory/config.json`` by :func:`save_pretrained`."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {path.parent}: not a saved {model_type} model")
+    raw = json.loads(path.read_text())
+    if raw.get("model_type") != model_type:
+        raise ValueError(f"{path} describes a {raw.get('model_type')!r} model, expected {model_type!r}")
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names}
+    return config_cls(**{**fields, **overrides})
+
+
+def load_pretrained(
+    module_cls: type[M], config_cls: type, directory: str | os.PathLike, *, model_type: str,
+    device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32, **overrides: Any,
+) -> M:
+    """Build ``module_cls(config)`` on the meta device and load the (possibly sharded) safetensors
+    written by :func:`save_pretrained`; returns the module in eval mode."""
+    from huggingface_hub import load_state_dict_from_file
+
+    directory = Path(directory)
+    config = read_config(directory, config_cls, model_type=model_type, **overrides)
+    index = directory / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    state_dict: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing (listed by the saved model in {directory})")
+        try:
+            state_dict.update(load_state_dict_from_file(path, map_location="cpu"))
+        except Exception as err:  # noqa: BLE001 - any reader error means a damaged file
+            raise ValueError(f"could not read {path}: the file is truncated or corrupt ({err})") from err
+    with torch.device("meta"):
+        module = module_cls(config)
+    load_state_dict_lazily(module, state_dict, what=str(directory), dtype=dtype, device=device)
+    return module.eval()

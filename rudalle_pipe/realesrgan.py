@@ -287,24 +287,26 @@ def get_realesrgan(
 # ----------------------------------------------------------------------------- tiled upscaling
 
 
-def _tile_starts(length: int, tile: int, overlap: int, multiple: int = 1) -> list[int]:
-    """Start offsets of tiles of size ``min(tile, length)`` that cover ``[0, length)``.
+def _tile_span(length: int, tile: int, overlap: int, multiple: int = 1) -> tuple[int, list[int]]:
+    """Tile size and start offsets that cover ``[0, length)`` with as few tiles of at most ``tile`` as possible.
 
-    Neighbours overlap by at least ``overlap``; starts are spread evenly and are multiples of
-    ``multiple`` (``length`` and ``tile`` must be multiples of it; ``tile > overlap``).
+    Neighbours overlap by at least ``overlap``. The size is shrunk to the smallest that still covers
+    ``length`` with that many tiles (less wasted compute), and starts are spread evenly. Everything
+    is a multiple of ``multiple``; ``length`` and ``tile`` must be multiples of it too.
     """
-    if length <= tile:
-        return [0]
-    units, tile_u, overlap_u = length // multiple, tile // multiple, math.ceil(overlap / multiple)
-    n = math.ceil((units - overlap_u) / (tile_u - overlap_u))
-    return [multiple * round(i * (units - tile_u) / (n - 1)) for i in range(n)]
+    units, tile_u, overlap_u = length // multiple, tile // multiple, -(-overlap // multiple)
+    if units <= tile_u:
+        return length, [0]
+    n = -(-(units - overlap_u) // (tile_u - overlap_u))
+    size_u = -(-(units + (n - 1) * overlap_u) // n)  # <= tile_u
+    return multiple * size_u, [multiple * round(i * (units - size_u) / (n - 1)) for i in range(n)]
 
 
 def _tile_grid(x: torch.Tensor, tile: int | None, overlap: int, multiple: int) -> list[tuple[int, int, int, int]]:
     """Tiles ``(top, left, height, width)`` covering the last two dims of ``x``; one tile when ``tile`` is falsy."""
     h, w = x.shape[-2:]
-    th, tw = (h, w) if not tile else (min(tile, h), min(tile, w))
-    ys, xs = _tile_starts(h, th, overlap, multiple), _tile_starts(w, tw, overlap, multiple)
+    (th, ys), (tw, xs) = ((h, [0]), (w, [0])) if not tile else (
+        _tile_span(h, tile, overlap, multiple), _tile_span(w, tile, overlap, multiple))
     return [(y, x0, th, tw) for y in ys for x0 in xs]
 
 
@@ -388,14 +390,15 @@ def _check_inputs(
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     if tile_size:
-        multiple = getattr(upscaler, "input_multiple", 1)
-        if not isinstance(tile_size, int) or tile_size <= tile_overlap:
+        m = getattr(upscaler, "input_multiple", 1)
+        if not isinstance(tile_size, int) or tile_size <= -(-tile_overlap // m) * m:
+            rounded = f", rounded up to a multiple of {m}" if m > 1 and tile_overlap % m else ""
             raise ValueError(
-                f"tile_size ({tile_size!r}) must be an int larger than tile_overlap ({tile_overlap}), "
+                f"tile_size ({tile_size!r}) must be an int larger than tile_overlap ({tile_overlap}{rounded}), "
                 f"or None/0 for no tiling"
             )
-        if tile_size % multiple:
-            raise ValueError(f"tile_size={tile_size} must be a multiple of {multiple} for a x{scale} upscaler")
+        if tile_size % m:
+            raise ValueError(f"tile_size={tile_size} must be a multiple of {m} for a x{scale} upscaler")
 
 
 def super_resolution(

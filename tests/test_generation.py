@@ -198,3 +198,17 @@ def test_non_str_text_is_rejected(pipeline, text):
     tokenizer, dalle, vae = pipeline
     with pytest.raises(TypeError, match="text must be a str"):
         generate_images(text, tokenizer, dalle, vae, top_k=10, top_p=0.9, num_images=1, progress=False)
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(1, 1.0, 1.0), (7, 0.9, 0.7), (50, 0.5, 1.3), (64, 1.0, 1.0)])
+def test_compact_candidates_equal_the_reference_filter(top_k, top_p, temperature):
+    from rudalle_pipe.generation import filtered_candidates
+
+    torch.manual_seed(top_k)
+    logits = torch.randn(5, 64) * 3
+    logits[0, :10] = 2.0  # ties around the k-th score force the full-sort path
+    reference = filter_logits(logits, top_k=top_k, top_p=top_p, temperature=temperature)
+    scores, index = filtered_candidates(logits, top_k=top_k, top_p=top_p, temperature=temperature)
+    rebuilt = torch.full_like(reference, float("-inf")).scatter(1, index, scores)
+    assert torch.equal(rebuilt.isfinite(), reference.isfinite())
+    assert torch.allclose(rebuilt.softmax(-1), reference.softmax(-1))

@@ -1,0 +1,92 @@
+"""Generation speed: the key/value cache against full recomputation, and batch-1 decoding against
+the memory-bandwidth roofline.
+
+Rerun with::
+
+    python benchmarks/generation.py            # about 2-3 minutes on a 2-core CPU
+    python benchmarks/generation.py --quick    # fewer tokens, for a smoke run
+
+Everything is measured in this one run on this machine, with random weights (speed does not depend
+on their values):
+
+1. memory bandwidth: best-of-N streaming read of a 1 GiB fp32 tensor (``tensor.sum()``);
+2. cache ratio: a full 1024-token generation of a small config (4 layers, hidden 64, the real
+   vocabularies), per image token, with the cache and with full recomputation at every step;
+3. roofline ratio: batch-1 time per image token of a Malevich-shaped but shallow config (hidden
+   2048, 16 heads, 2 layers) against ``bytes one step must read / bandwidth``, where those bytes are
+   the layers' weights and the image part of the output head.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from rudalle_pipe import DalleConfig, DalleModel
+from rudalle_pipe.generation import sample_codes
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
+    """Bytes per second of the best streaming read of a ``gib`` GiB fp32 tensor."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * 4 / best
+
+
+def time_generation(model: DalleModel, *, use_cache: bool) -> float:
+    """Seconds per image token of one batch-1 sampling run over the whole image grid."""
+    cfg = model.config
+    text = torch.randint(1, cfg.vocab_size - cfg.text_seq_length, (cfg.text_seq_length,))
+    start = time.perf_counter()
+    sample_codes(model, text, seeds=[0], top_k=512, top_p=0.99, use_cache=use_cache, progress=False)
+    return (time.perf_counter() - start) / cfg.image_seq_length
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a 16x16 grid (256 tokens) instead of 32x32")
+    args = parser.parse_args()
+    side = 16 if args.quick else 32
+    tokens = side * side
+    torch.manual_seed(0)
+    print(f"# rudalle_pipe generation benchmark — torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}")
+    print("# rerun: python benchmarks/generation.py")
+
+    bandwidth = read_bandwidth()
+    print(f"memory bandwidth (streaming fp32 read): {bandwidth / 1e9:.1f} GB/s")
+
+    with torch.inference_mode():
+        small = DalleModel(DalleConfig(num_layers=4, hidden_size=64, num_attention_heads=4, image_tokens_per_dim=side)).eval()
+        cached = time_generation(small, use_cache=True)
+        full = time_generation(small, use_cache=False)
+    print(f"\n[cache] 4 layers, hidden 64, {tokens} image tokens, batch 1")
+    print(f"  with cache:      {cached * 1e3:8.2f} ms/token")
+    print(f"  without cache:   {full * 1e3:8.2f} ms/token (whole sequence recomputed every step)")
+    print(f"  cache ratio:     {full / cached:8.1f}x   (goal >= 20x)")
+
+    with torch.inference_mode():
+        cfg = DalleConfig(num_layers=2, hidden_size=2048, num_attention_heads=16, image_tokens_per_dim=side)
+        big = DalleModel(cfg).eval()
+        per_token = time_generation(big, use_cache=True)
+    layer_bytes = sum(p.numel() * p.element_size() for p in big.transformer.layers.parameters())
+    head = big.to_logits[1]
+    head_bytes = (head.weight[cfg.vocab_size:].numel() + head.bias[cfg.vocab_size:].numel()) * head.weight.element_size()
+    step_bytes = layer_bytes + head_bytes
+    bound = step_bytes / bandwidth
+    print(f"\n[roofline] hidden 2048, 16 heads, 2 layers, fp32, batch 1, {tokens} image tokens")
+    print(f"  weights read per step: {step_bytes / 1e6:.1f} MB (layers {layer_bytes / 1e6:.1f} + image head {head_bytes / 1e6:.1f})")
+    print(f"  bandwidth bound:       {bound * 1e3:8.2f} ms/token")
+    print(f"  measured:              {per_token * 1e3:8.2f} ms/token")
+    print(f"  roofline ratio:        {per_token / bound:8.2f}x  (goal <= 1.5x)")
+
+
+if __name__ == "__main__":
+    main()
