@@ -3,28 +3,10 @@ import pytest
 import torch
 from PIL import Image
 
-from rudalle_pipe import DalleConfig, DalleModel, GenerationOutput, filter_logits, generate_images
+from rudalle_pipe import GenerationOutput, filter_logits, generate_images
 from rudalle_pipe.generation import sample_codes
 from rudalle_pipe.tokenizer import YTTMTokenizer
-from rudalle_pipe.vae import VQGAN, VQGANConfig
-
-TEXT_LEN, SIDE, IMAGE_VOCAB = 8, 4, 50
-
-
-def tiny_dalle(version="v3", seed=0) -> DalleModel:
-    torch.manual_seed(seed)
-    config = DalleConfig(num_layers=3, hidden_size=32, num_attention_heads=4, vocab_size=300,
-                         image_vocab_size=IMAGE_VOCAB, text_seq_length=TEXT_LEN, image_tokens_per_dim=SIDE,
-                         hf_version=version)
-    return DalleModel(config).eval()
-
-
-def tiny_vae() -> VQGAN:
-    torch.manual_seed(0)
-    config = VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(), z_channels=32,
-                         embed_dim=32, n_embed=IMAGE_VOCAB, resolution=SIDE * 8)
-    return VQGAN(config).eval()
-
+from tiny import IMAGE_VOCAB, SIDE, TEXT_LEN, tiny_dalle, tiny_vae
 
 TEXT = torch.tensor([2, 5, 7, 3, 0, 0, 0, 0])
 
