@@ -1,0 +1,150 @@
+"""One training loop for every model the project trains, built on Hugging Face accelerate.
+
+The same code runs on one CPU, one GPU, or several GPUs and machines under ``accelerate launch``
+(DDP, FSDP or DeepSpeed from the accelerate config). It gives every stage:
+
+* AdamW with a linear warm-up and a cosine decay, and gradient clipping;
+* checkpoints every ``checkpoint_every`` steps through ``Accelerator.save_state`` (model, optimizer,
+  scheduler and RNG states) plus ``progress.json``; a rerun resumes from the last one;
+* a CSV loss log (``step,loss,lr,seconds``) and a tqdm bar on the main process.
+
+Batches come from ``get_batch(step)``, a pure function of the step number, so a resumed run sees the
+same data as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LoopConfig", "run_training", "cosine_with_warmup"]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Optimisation settings of one training stage."""
+
+    steps: int  # optimizer steps in total (a resumed run continues up to this)
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.99)  # AdamW betas
+    warmup_steps: int = 0  # linear warm-up from 0 to lr
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    grad_clip: float | None = 1.0  # max gradient norm; None disables clipping
+    checkpoint_every: int = 200  # save_state every this many steps (and at the end)
+    log_every: int = 10  # loss-log rows every this many steps
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (accelerate's autocast)
+    seed: int = 0  # seeds torch before the model's first step
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+
+
+def cosine_with_warmup(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up to 1, then cosine down to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def run_training(
+    name: str,
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+    get_batch: Callable[[int], Any],
+    config: LoopConfig,
+    out_dir: str | Path,
+    *,
+    parameters: list[nn.Parameter] | None = None,
+    progress: bool = True,
+    accelerator: Any = None,
+) -> tuple[nn.Module, list[float]]:
+    """Train ``model`` to ``config.steps`` steps, resuming from ``out_dir/checkpoint`` if present.
+
+    Args:
+        name: stage name for the progress bar and logs.
+        loss_fn: ``loss_fn(model, batch) -> scalar loss``.
+        get_batch: ``get_batch(step) -> batch`` (tensors are moved to the device by ``loss_fn``'s
+            caller through ``accelerator.device``; pass CPU tensors).
+        parameters: the parameters to optimise (default: all that require grad).
+        accelerator: an ``accelerate.Accelerator`` to reuse (one is created otherwise).
+
+    Returns:
+        The unwrapped model and the losses of the steps run in this call.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    set_seed(config.seed)
+    params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(
+        s, total=config.steps, warmup=config.warmup_steps, min_ratio=config.min_lr_ratio))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    checkpoint = out_dir / "checkpoint"
+    state_file = checkpoint / "progress.json"
+    start = 0
+    if state_file.is_file():
+        accelerator.load_state(str(checkpoint))
+        start = json.loads(state_file.read_text())["step"]
+        logger.info("%s: resuming from step %d of %d", name, start, config.steps)
+    log_path = out_dir / "loss_log.csv"
+    new_log = not log_path.exists()
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(total=config.steps, initial=start, desc=name, disable=not progress or not accelerator.is_main_process)
+    t0 = time.perf_counter()
+    with open(log_path, "a", newline="") as log_file:
+        writer = csv.writer(log_file)
+        if new_log:
+            writer.writerow(["step", "loss", "lr", "seconds"])
+        for step in range(start, config.steps):
+            batch = get_batch(step)
+            with accelerator.autocast():
+                loss = loss_fn(model, batch)
+            accelerator.backward(loss)
+            if config.grad_clip is not None:
+                accelerator.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{name}: loss became {value} at step {step}; lower lr or enable grad_clip")
+            losses.append(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}")
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
+                writer.writerow([done, f"{value:.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
+                                 f"{time.perf_counter() - t0:.1f}"])
+                log_file.flush()
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                accelerator.wait_for_everyone()
+                accelerator.save_state(str(checkpoint))
+                if accelerator.is_main_process:
+                    state_file.write_text(json.dumps({"step": done, "config": asdict(config)}, indent=2))
+    bar.close()
+    model.eval()
+    return accelerator.unwrap_model(model), losses
