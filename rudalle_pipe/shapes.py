@@ -275,6 +275,19 @@ class ShapesDataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------- detector
 _ANALYSIS = 64  # images are resized to this side before analysis
 _MIN_CONTRAST = 40.0  # RGB distance from the background below which nothing counts as an object
+_BLURS = (0.0, 0.6, 1.2, 1.8)  # Gaussian sigmas (analysis px) tried on each template: blurry inputs
+
+
+def _blur_matrix(sigma: float, n: int = _ANALYSIS) -> np.ndarray:
+    """[n, n] matrix B with B @ a @ B.T = Gaussian blur of a (zero padding; identity for 0)."""
+    if sigma == 0:
+        return np.eye(n, dtype=np.float32)
+    offsets = np.arange(n)[:, None] - np.arange(n)[None, :]
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2) * (abs(offsets) <= 3 * sigma)
+    return (kernel / kernel.sum(1, keepdims=True)[n // 2]).astype(np.float32)
+
+
+_BLUR_MATRICES = [_blur_matrix(s) for s in _BLURS]
 
 
 @dataclass(frozen=True)
@@ -337,8 +350,11 @@ def _fit_template(shape: str, alpha: np.ndarray, area: float, centroid: np.ndarr
     unit_area, unit_centroid = _AREA_CENTROID[shape]
     scale = np.sqrt(area / unit_area)
     pts = (_OUTLINES[shape] - unit_centroid) * scale + centroid
-    template = _coverage(pts, _ANALYSIS, supersample=4)
-    iou = np.minimum(alpha, template).sum() / max(np.maximum(alpha, template).sum(), 1e-6)
+    sharp = _coverage(pts, _ANALYSIS, supersample=4)
+    iou = 0.0
+    for blur in _BLUR_MATRICES:  # the best of a few blur levels, so blurry inputs fit too
+        template = blur @ sharp @ blur.T  # (64, 64)
+        iou = max(iou, np.minimum(alpha, template).sum() / max(np.maximum(alpha, template).sum(), 1e-6))
     return float(iou), centroid - unit_centroid * scale
 
 
@@ -367,7 +383,8 @@ def detect(image: Image.Image) -> Detection:
     core = component & (dist > 0.75 * d_ref)
     votes = np.bincount(_nearest(COLORS, rgb[core]), minlength=len(COLORS))
     color = list(COLORS)[int(votes.argmax())]
-    alpha = np.clip(dist / np.median(dist[core]), 0, 1) * _dilate(component)  # (64, 64) coverage
+    contrast = max(float(np.median(dist[core])), float(np.linalg.norm(np.array(COLORS[color]) - bg_rgb)))
+    alpha = np.clip(dist / contrast, 0, 1) * _dilate(component)  # (64, 64) coverage
     area = float(alpha.sum())
     ys, xs = np.mgrid[:_ANALYSIS, :_ANALYSIS] + 0.5
     centroid = np.array([(alpha * xs).sum(), (alpha * ys).sum()]) / area  # (x, y) px

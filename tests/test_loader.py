@@ -184,3 +184,39 @@ def test_registry_entries_are_read_only():
         PRETRAINED["Malevich"].config["num_layers"] = 2
     with pytest.raises(TypeError):
         PRETRAINED["NewModel"] = PRETRAINED["Malevich"]
+
+
+def test_push_to_hub_uploads_the_saved_layout(fixtures_dir, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls["create"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            from pathlib import Path
+
+            calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            calls["config"] = json.loads((Path(folder_path) / "config.json").read_text())
+            return f"https://hub.example/{repo_id}"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model = get_rudalle_model("Malevich", checkpoint_path=fixtures_dir / "dalle_v3" / "pytorch_model.bin", **TINY)
+    url = model.push_to_hub("me/tiny-malevich", token="hf_x", private=True)
+    assert url.endswith("me/tiny-malevich")
+    assert calls["create"] == ("me/tiny-malevich", True, True) and calls["token"] == "hf_x"
+    assert calls["files"] == ["config.json", "model.safetensors"]
+    assert calls["config"]["hidden_size"] == 64
+
+
+def test_kandinsky_falls_back_to_the_older_repo(fixtures_dir, offline_hub):
+    state = torch.load(fixtures_dir / "dalle_v3" / "pytorch_model.bin", weights_only=True)
+    add_to_hub_cache(offline_hub, "sberbank-ai/rudalle-Kandinsky",
+                     {"pytorch_model.bin": fixtures_dir / "dalle_v3" / "pytorch_model.bin"})
+    model = get_rudalle_model("Kandinsky", cache_dir=offline_hub, **TINY)
+    assert torch.equal(model.text_embeddings.weight, state["text_embeddings.weight"].float())

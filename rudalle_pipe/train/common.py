@@ -14,13 +14,15 @@ same data as an uninterrupted one.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import math
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -28,7 +30,8 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoopConfig", "run_training", "cosine_with_warmup"]
+__all__ = ["LoopConfig", "run_training", "cosine_with_warmup", "all_scenes", "all_captions", "render_scenes",
+           "batch_indices", "is_main_process"]
 
 
 @dataclass(frozen=True)
@@ -148,3 +151,70 @@ def run_training(
     bar.close()
     model.eval()
     return accelerator.unwrap_model(model), losses
+
+
+# ----------------------------------------------------------------------------- demo data helpers
+
+
+def all_scenes(split: str = "train") -> list:
+    """Every distinct :class:`rudalle_pipe.shapes.Scene` of ``split``, in a fixed order."""
+    from .. import shapes
+
+    if split not in shapes.SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: {list(shapes.SPLITS)}")
+    pairs = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES]
+    if split != "all":
+        pairs = [p for p in pairs if (p in shapes.HELD_OUT_PAIRS) == (split == "heldout")]
+    return [shapes.Scene(s, c, size, pos, bg) for (c, s), size, pos, bg
+            in itertools.product(pairs, shapes.SIZES, shapes.POSITIONS, shapes.BACKGROUNDS) if bg != c]
+
+
+class _Pick(random.Random):
+    """A ``random.Random`` whose ``choice`` returns element ``index``: selects a caption word order."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(0)
+        self.index = index
+
+    def choice(self, seq: Sequence) -> Any:  # type: ignore[override]
+        return seq[self.index % len(seq)]
+
+
+def all_captions(scene: Any) -> list[str]:
+    """The caption of ``scene`` in every word order of ``shapes.WORD_ORDERS`` (canonical first)."""
+    from .. import shapes
+
+    return [shapes.caption(scene, _Pick(i)) for i in range(len(shapes.WORD_ORDERS))]
+
+
+def render_scenes(scenes: Sequence[Any], size: int = 64, *, progress: bool = False) -> torch.Tensor:
+    """Render ``scenes`` to a uint8 tensor (N, 3, size, size), RGB (divide by 255 for [0, 1])."""
+    import numpy as np
+
+    from .. import shapes
+
+    out = torch.empty(len(scenes), 3, size, size, dtype=torch.uint8)
+    for i, scene in enumerate(tqdm(scenes, desc=f"render {size}px", disable=not progress)):
+        out[i] = torch.from_numpy(np.array(shapes.render(scene, size))).permute(2, 0, 1)  # (3, H, W)
+    return out
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int = 0) -> torch.Tensor:
+    """Indices (batch_size,) int64 into a dataset of ``n`` items for ``step``: epoch-wise shuffles,
+    a pure function of ``(step, n, batch_size, seed)`` so that a resumed run sees the same batches."""
+    start = step * batch_size
+    parts, taken = [], 0
+    while taken < batch_size:
+        epoch, offset = divmod(start + taken, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        chunk = perm[offset:offset + batch_size - taken]
+        parts.append(chunk)
+        taken += len(chunk)
+    return torch.cat(parts)
+
+
+def is_main_process() -> bool:
+    """True on the process that writes final files (always True without ``accelerate launch``)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process

@@ -1,0 +1,412 @@
+"""The ``rudalle-pipe`` command line (also ``python -m rudalle_pipe``).
+
+Verbs:
+
+* ``rudalle-pipe generate "TEXT" [options]`` runs the whole chain (load -> generate ->
+  CLIP rerank -> Real-ESRGAN upscale) and writes PNGs, a contact sheet and ``results.json``.
+* ``rudalle-pipe models`` lists what can be loaded and whether it is in the Hugging Face cache.
+
+Exit status: 0 on success; 2 when the command line is wrong (argparse errors, invalid values such as
+``--top-p 1.5``, an unknown ``--model``, a stage the chosen pipeline cannot run); 1 when running
+fails (missing weights offline, output files that already exist, any other error). Errors are one
+line on stderr; ``-v`` adds tracebacks and INFO logs.
+
+Adding a verb: write ``_add_<verb>(subparsers, common)`` that builds its subparser and sets
+``func=<function(args) -> int>``, and append it to :data:`VERBS`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["main", "UsageError", "EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE"]
+
+PROG = "rudalle-pipe"
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+UPSCALE_CHOICES = ("x2", "x4", "x8", "none")
+DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_TOP_K = 2048  # clipped to the model's image vocabulary when that is smaller
+
+
+class UsageError(Exception):
+    """The command line is wrong: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of printing usage and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+# ----------------------------------------------------------------------------------- generate
+@dataclass
+class _Source:
+    """Where ``--model`` points, read without loading any weights."""
+
+    name: str  # as given on the command line
+    kind: str  # "bundled", "directory" or "hub"
+    image_vocab: int  # generator's image vocabulary (top_k upper bound)
+    upscale_scales: Optional[tuple[int, ...]]  # scales available locally; None = any Hub scale
+    has_clip: bool  # a CLIP reranker can be loaded
+
+
+def default_model() -> str:
+    """``"demo"`` when that bundled pipeline exists, else ``"Malevich"``."""
+    from .pipeline import list_pipelines
+
+    return "demo" if "demo" in list_pipelines() else "Malevich"
+
+
+def _resolve_model(name: str) -> _Source:
+    from .dalle import DalleConfig
+    from .hub import read_config
+    from .pipeline import BUNDLED_DIR, list_pipelines
+    from .registry import PRETRAINED, list_pretrained
+
+    directory = None
+    if (BUNDLED_DIR / name / "pipeline.json").is_file():
+        directory, kind = BUNDLED_DIR / name, "bundled"
+    elif (Path(name) / "pipeline.json").is_file():
+        directory, kind = Path(name), "directory"
+    elif name in list_pretrained("dalle"):
+        vocab = DalleConfig(**PRETRAINED[name].config).image_vocab_size
+        return _Source(name, "hub", vocab, None, True)
+    else:
+        hint = f" ({name} is a directory without pipeline.json)" if Path(name).is_dir() else ""
+        raise UsageError(f"unknown model {name!r}{hint}. Available: {', '.join(list_pipelines())}, "
+                         f"or a pipeline directory written by save_pipeline (one holding pipeline.json)")
+    vocab = read_config(directory / "dalle", DalleConfig, model_type="rudalle").image_vocab_size
+    scales: tuple[int, ...] = ()
+    if (directory / "upscaler").is_dir():
+        from .realesrgan import RRDBNetConfig
+
+        scales = (read_config(directory / "upscaler", RRDBNetConfig, model_type="rrdbnet").scale,)
+    return _Source(name, kind, vocab, scales, (directory / "clip").is_dir())
+
+
+def _resolve_device(device: Optional[str]) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as err:
+        raise UsageError(f"--device {device!r} is not a torch device ({_one_line(err)}); e.g. cpu, cuda, cuda:1") from err
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+    if not available.get(kind, True):
+        raise UsageError(f"--device {device}: {kind} is not available here; use --device cpu")
+    return device
+
+
+def _check_generate_args(args: argparse.Namespace) -> tuple[_Source, list[Path]]:
+    """Validate everything that needs no weights; return the model source and the output files."""
+    from .generation import _check_count, _seeds_for, check_sampling_args
+
+    if not args.text.strip():
+        raise UsageError("the text is empty; give a prompt, e.g. rudalle-pipe generate 'рыжий котик'")
+    source = _resolve_model(args.model or default_model())
+    if args.top_k is None:
+        args.top_k = min(DEFAULT_TOP_K, source.image_vocab)
+    try:
+        check_sampling_args(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                            vocab=source.image_vocab)
+        _check_count("num_images", args.num_images)
+        _check_count("batch_size", args.batch_size)
+        if args.seed is not None:
+            _seeds_for(args.num_images, args.seed, None)
+    except (TypeError, ValueError) as err:
+        raise UsageError(_one_line(err)) from err
+    if args.rerank is not None and not 0 <= args.rerank <= args.num_images:
+        raise UsageError(f"--rerank must be in [0, --num-images={args.num_images}] (0 disables reranking), "
+                         f"got {args.rerank}")
+    if args.rerank and not source.has_clip:
+        raise UsageError(f"--rerank {args.rerank}: pipeline {source.name!r} has no CLIP reranker; "
+                         f"use --rerank 0")
+    if args.rerank is None:  # default: sort all candidates when a reranker exists
+        args.rerank = args.num_images if source.has_clip else 0
+    scales = source.upscale_scales
+    if args.upscale is None:  # default: the pipeline's own upscaler (x4 for Hub models)
+        args.upscale = "x4" if scales is None else (f"x{scales[0]}" if scales else "none")
+    elif args.upscale != "none" and scales is not None and int(args.upscale[1:]) not in scales:
+        available = ", ".join([f"x{s}" for s in scales] + ["none"])
+        raise UsageError(f"--upscale {args.upscale}: pipeline {source.name!r} has no such upscaler; "
+                         f"available: {available}")
+    args.device = _resolve_device(args.device)
+    kept = args.rerank or args.num_images
+    out = Path(args.out)
+    targets = [out / f"image_{i:03d}.png" for i in range(kept)] + [out / "contact_sheet.png", out / "results.json"]
+    return source, targets
+
+
+def _check_targets(out: Path, targets: list[Path], overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} exists and is not a directory")
+    if not overwrite:
+        for path in targets:
+            if path.exists():
+                raise FileExistsError(f"{path} already exists; pass --overwrite or choose another --out")
+
+
+def _write(path: Path, data: bytes, overwrite: bool) -> None:
+    with open(path, "wb" if overwrite else "xb") as f:  # "x": never replace a file that appeared meanwhile
+        f.write(data)
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """``rudalle-pipe generate``: the whole chain, written into ``--out``."""
+    import torch
+
+    from .clip import cherry_pick_by_clip
+    from .generation import generate_images
+    from .pipeline import load_pipeline
+    from .realesrgan import super_resolution
+    from .show import image_grid
+
+    source, targets = _check_generate_args(args)
+    out = Path(args.out)
+    _check_targets(out, targets, args.overwrite)
+    progress = not args.no_progress
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    # 1. load the models (only the stages that will run)
+    tick = time.perf_counter()
+    upscaler = False if args.upscale == "none" else (args.upscale if source.kind == "hub" else True)
+    pipe = load_pipeline(source.name, device=args.device, dtype=getattr(torch, args.dtype),
+                         cache_dir=args.cache_dir, clip=args.rerank > 0, upscaler=upscaler)
+    timings["load"] = time.perf_counter() - tick
+    logger.info("loaded %s on %s in %.1f s", source.name, args.device, timings["load"])
+
+    # 2. sample the candidates
+    tick = time.perf_counter()
+    gen = generate_images(args.text, pipe.tokenizer, pipe.dalle, pipe.vae, top_k=args.top_k, top_p=args.top_p,
+                          num_images=args.num_images, temperature=args.temperature, batch_size=args.batch_size,
+                          seed=args.seed, progress=progress)
+    timings["generate"] = time.perf_counter() - tick
+
+    # 3. rerank with CLIP and keep the best --rerank (or keep all, in generation order)
+    tick = time.perf_counter()
+    scores: list[Optional[float]] = [None] * args.num_images
+    order = list(range(args.num_images))
+    if args.rerank:
+        ranked = cherry_pick_by_clip(gen.images, args.text, pipe.clip, top_n=args.rerank,
+                                     batch_size=args.batch_size, progress=progress)
+        order = ranked.indices
+        for i, score in zip(ranked.indices, ranked.scores):
+            scores[i] = score
+        if len(order) < args.num_images:  # the dropped candidates still get a score in results.json
+            everything = cherry_pick_by_clip(gen.images, args.text, pipe.clip, progress=False)
+            for i, score in zip(everything.indices, everything.scores):
+                scores[i] = score
+    timings["rerank"] = time.perf_counter() - tick
+
+    # 4. upscale the kept images
+    tick = time.perf_counter()
+    kept = [gen.images[i] for i in order]
+    if args.upscale != "none":
+        if pipe.upscaler is None or pipe.upscaler.scale != int(args.upscale[1:]):
+            raise RuntimeError(f"pipeline {source.name!r} did not provide an {args.upscale} upscaler")
+        kept = super_resolution(kept, pipe.upscaler, progress=progress)
+    timings["upscale"] = time.perf_counter() - tick
+
+    # 5. write images, contact sheet and results.json
+    tick = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    nrow = math.ceil(math.sqrt(args.num_images))
+    for path, image in zip(targets, kept):
+        _write(path, _png(image), args.overwrite)
+    _write(targets[-2], _png(image_grid(gen.images, nrow=nrow)), args.overwrite)
+    timings["save"] = time.perf_counter() - tick
+    timings["total"] = time.perf_counter() - start
+    results = {
+        "text": args.text,
+        "model": source.name,
+        "model_kind": source.kind,
+        "settings": {"top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature,
+                     "num_images": args.num_images, "seed": args.seed, "batch_size": args.batch_size,
+                     "rerank": args.rerank, "upscale": args.upscale, "device": args.device, "dtype": args.dtype},
+        "images": [{"file": path.name, "seed": gen.seeds[i], "perplexity": gen.perplexities[i],
+                    "clip_score": scores[i], "index": i, "size": list(image.size)}
+                   for path, i, image in zip(targets, order, kept)],
+        "candidates": [{"index": i, "seed": gen.seeds[i], "perplexity": gen.perplexities[i],
+                        "clip_score": scores[i]} for i in range(args.num_images)],
+        "contact_sheet": {"file": targets[-2].name, "nrow": nrow, "order": "candidate index"},
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+    _write(targets[-1], (json.dumps(results, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), args.overwrite)
+    sys.stdout.write(f"wrote {len(kept)} images, {targets[-2].name} and {targets[-1].name} to {out}\n")
+    return EXIT_OK
+
+
+def _add_generate(subparsers, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser(
+        "generate", parents=[common], help="text -> images: generate, rerank, upscale, save",
+        description="Generate images for TEXT with the whole chain: load -> generate -> CLIP rerank -> "
+                    "Real-ESRGAN upscale, and write PNGs (best first), contact_sheet.png (all candidates) "
+                    "and results.json into --out. Existing files are never replaced without --overwrite.",
+        epilog="Exit status: 0 ok, 1 runtime failure (missing weights, existing files, ...), 2 bad command line.")
+    p.add_argument("text", metavar="TEXT", help="the prompt (Russian for the ruDALL-E models)")
+    p.add_argument("--model", default=None,
+                   help="a bundled pipeline, a Hub generator (see `rudalle-pipe models`) or a pipeline "
+                        "directory; default: demo if bundled, else Malevich")
+    p.add_argument("--num-images", type=int, default=4, metavar="N", help="candidates to generate (default: 4)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help=f"keep the K most likely codes (default: {DEFAULT_TOP_K}, or the model's image vocabulary "
+                        "if smaller)")
+    p.add_argument("--top-p", type=float, default=0.995, metavar="P", help="nucleus threshold in (0, 1] (default: 0.995)")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="> 0 (default: 1.0)")
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="candidate i uses seed S+i (default: random seeds, written to results.json)")
+    p.add_argument("--rerank", type=int, default=None, metavar="N",
+                   help="keep the N best candidates by CLIP score; 0 disables reranking (default: sort all "
+                        "candidates when the pipeline has a CLIP)")
+    p.add_argument("--upscale", choices=UPSCALE_CHOICES, default=None,
+                   help="Real-ESRGAN factor for the kept images (default: the pipeline's upscaler, x4 for Hub "
+                        "models; none if it has none)")
+    p.add_argument("--out", default="rudalle_out", metavar="DIR", help="output directory (default: ./rudalle_out)")
+    p.add_argument("--device", default=None, metavar="D", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="generator precision (default: float32)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per forward pass (default: 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help="Hugging Face cache (default: the HF default)")
+    p.set_defaults(func=cmd_generate)
+
+
+# ------------------------------------------------------------------------------------- models
+def _cached(repo_ids: Sequence[str], filename: str, cache_dir: Optional[str]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(r, filename, cache_dir=cache_dir), str) for r in repo_ids)
+
+
+def _model_rows(cache_dir: Optional[str]) -> list[tuple[str, str, str, str, str]]:
+    """``(name, kind, repo, file, cached)`` for everything ``generate`` can load."""
+    from .pipeline import BUNDLED_DIR, list_pipelines
+    from .registry import PRETRAINED, list_pretrained
+
+    kinds = {"dalle": "generator", "tokenizer": "tokenizer", "vae": "vqgan", "realesrgan": "upscaler"}
+    hub = list_pretrained("dalle")
+    rows = [(name, "pipeline", "(bundled)", str(BUNDLED_DIR / name), "bundled")
+            for name in list_pipelines() if name not in hub]
+    for name, entry in PRETRAINED.items():
+        repos = (entry.repo_id, *entry.fallback_repo_ids)
+        rows.append((name, kinds[entry.kind], entry.repo_id, entry.filename,
+                     "yes" if _cached(repos, entry.filename, cache_dir) else "no"))
+    try:
+        import open_clip
+
+        from .clip import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
+    except ImportError:  # open_clip is a dependency, but listing must not depend on it
+        return rows
+    repo = (open_clip.get_pretrained_cfg(DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED).get("hf_hub") or "").strip("/")
+    if repo:
+        files = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+        found = [f for f in files if _cached([repo], f, cache_dir)]
+        rows.append(("clip", "reranker", repo, (found or files)[0], "yes" if found else "no"))
+    text_repo = (open_clip.get_model_config(DEFAULT_CLIP_MODEL) or {}).get("text_cfg", {}).get("hf_model_name")
+    if text_repo:
+        for filename in ("config.json", "tokenizer.json"):
+            rows.append(("clip text tower", "reranker", text_repo, filename,
+                         "yes" if _cached([text_repo], filename, cache_dir) else "no"))
+    return rows
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """``rudalle-pipe models``: an aligned table on stdout."""
+    from huggingface_hub import constants
+
+    header = ("NAME", "KIND", "REPO", "FILE", "CACHED")
+    rows = [header, *_model_rows(args.cache_dir)]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    offline = " (HF_HUB_OFFLINE: cache only)" if constants.HF_HUB_OFFLINE else ""
+    lines = [f"Hugging Face cache: {args.cache_dir or constants.HF_HUB_CACHE}{offline}",
+             f"default --model: {default_model()}", ""]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines += ["", "generate --model takes a pipeline or generator above, or a pipeline directory "
+                  "(save_pipeline); the Hub generators also load the tokenizer, vqgan, clip and upscaler."]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+def _add_models(subparsers, common: argparse.ArgumentParser) -> None:
+    p = subparsers.add_parser("models", parents=[common], help="list loadable models and whether they are cached",
+                              description="List the bundled pipelines, Hub generators, tokenizer, VQGANs, "
+                                          "upscalers and the default CLIP, with their Hub repo and file and "
+                                          "whether each is already in the Hugging Face cache.")
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help="Hugging Face cache (default: the HF default)")
+    p.set_defaults(func=cmd_models)
+
+
+# --------------------------------------------------------------------------------------- main
+VERBS: list[Callable[..., None]] = [_add_generate, _add_models]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    common = _Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="INFO logs and tracebacks on stderr")
+    parser = _Parser(prog=PROG, description="ruDALL-E text-to-image generation from the command line.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in VERBS:
+        add(subparsers, common)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status (see the module docstring)."""
+    args = None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    package_logger = logging.getLogger("rudalle_pipe")
+    old_level = package_logger.level
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.WARNING)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.verbose:
+            package_logger.setLevel(logging.INFO)
+        return args.func(args)
+    except SystemExit as exit_:  # --help / --version
+        return exit_.code if isinstance(exit_.code, int) else EXIT_OK
+    except UsageError as err:
+        sys.stderr.write(f"{_one_line(err) if str(err).startswith(PROG) else PROG + ': error: ' + _one_line(err)}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line (traceback with -v)
+        if args is not None and args.verbose:
+            traceback.print_exc(file=sys.stderr)
+        sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")
+        return EXIT_FAILURE
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(old_level)
