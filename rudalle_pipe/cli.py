@@ -46,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises :class:`UsageError` instead of printing usage and exiting."""
 
     def error(self, message: str):  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
 def _one_line(message: object) -> str:
@@ -79,7 +79,7 @@ def _resolve_model(name: str) -> _Source:
     from .registry import PRETRAINED, list_pretrained
 
     directory = None
-    if (BUNDLED_DIR / name / "pipeline.json").is_file():
+    if Path(name).name == name and (BUNDLED_DIR / name / "pipeline.json").is_file():  # a bare name
         directory, kind = BUNDLED_DIR / name, "bundled"
     elif (Path(name) / "pipeline.json").is_file():
         directory, kind = Path(name), "directory"
@@ -107,7 +107,8 @@ def _resolve_device(device: Optional[str]) -> str:
     try:
         kind = torch.device(device).type
     except (RuntimeError, ValueError) as err:
-        raise UsageError(f"--device {device!r} is not a torch device ({_one_line(err)}); e.g. cpu, cuda, cuda:1") from err
+        raise UsageError(f"--device {device!r} is not a torch device ({_one_line(err)}); "
+                         "e.g. cpu, cuda, cuda:1") from err
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
     if not available.get(kind, True):
@@ -117,7 +118,7 @@ def _resolve_device(device: Optional[str]) -> str:
 
 def _check_generate_args(args: argparse.Namespace) -> tuple[_Source, list[Path]]:
     """Validate everything that needs no weights; return the model source and the output files."""
-    from .generation import _check_count, _seeds_for, check_sampling_args
+    from .generation import check_count, seeds_for, check_sampling_args
 
     if not args.text.strip():
         raise UsageError("the text is empty; give a prompt, e.g. rudalle-pipe generate 'рыжий котик'")
@@ -127,10 +128,10 @@ def _check_generate_args(args: argparse.Namespace) -> tuple[_Source, list[Path]]
     try:
         check_sampling_args(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                             vocab=source.image_vocab)
-        _check_count("num_images", args.num_images)
-        _check_count("batch_size", args.batch_size)
+        check_count("num_images", args.num_images)
+        check_count("batch_size", args.batch_size)
         if args.seed is not None:
-            _seeds_for(args.num_images, args.seed, None)
+            seeds_for(args.num_images, args.seed, None)
     except (TypeError, ValueError) as err:
         raise UsageError(_one_line(err)) from err
     if args.rerank is not None and not 0 <= args.rerank <= args.num_images:
@@ -183,6 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .clip import cherry_pick_by_clip
     from .generation import generate_images
+    from .hub import WeightsNotFoundError
     from .pipeline import load_pipeline
     from .realesrgan import super_resolution
     from .show import image_grid
@@ -197,8 +199,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # 1. load the models (only the stages that will run)
     tick = time.perf_counter()
     upscaler = False if args.upscale == "none" else (args.upscale if source.kind == "hub" else True)
-    pipe = load_pipeline(source.name, device=args.device, dtype=getattr(torch, args.dtype),
-                         cache_dir=args.cache_dir, clip=args.rerank > 0, upscaler=upscaler)
+    try:
+        pipe = load_pipeline(source.name, device=args.device, dtype=getattr(torch, args.dtype),
+                             cache_dir=args.cache_dir, clip=args.rerank > 0, upscaler=upscaler)
+    except WeightsNotFoundError as err:
+        raise WeightsNotFoundError(f"{err} (`{PROG} models` shows what is cached; --rerank 0 and "
+                                   f"--upscale none skip the CLIP and the upscaler)") from err
     timings["load"] = time.perf_counter() - tick
     logger.info("loaded %s on %s in %.1f s", source.name, args.device, timings["load"])
 
@@ -214,15 +220,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     scores: list[Optional[float]] = [None] * args.num_images
     order = list(range(args.num_images))
     if args.rerank:
-        ranked = cherry_pick_by_clip(gen.images, args.text, pipe.clip, top_n=args.rerank,
-                                     batch_size=args.batch_size, progress=progress)
-        order = ranked.indices
+        ranked = cherry_pick_by_clip(gen.images, args.text, pipe.clip, batch_size=args.batch_size,
+                                     progress=progress)  # all candidates: dropped ones get a score too
+        order = ranked.indices[: args.rerank]
         for i, score in zip(ranked.indices, ranked.scores):
             scores[i] = score
-        if len(order) < args.num_images:  # the dropped candidates still get a score in results.json
-            everything = cherry_pick_by_clip(gen.images, args.text, pipe.clip, progress=False)
-            for i, score in zip(everything.indices, everything.scores):
-                scores[i] = score
     timings["rerank"] = time.perf_counter() - tick
 
     # 4. upscale the kept images
@@ -259,7 +261,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
     _write(targets[-1], (json.dumps(results, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), args.overwrite)
-    sys.stdout.write(f"wrote {len(kept)} images, {targets[-2].name} and {targets[-1].name} to {out}\n")
+    plural = "s" if len(kept) != 1 else ""
+    sys.stdout.write(f"wrote {len(kept)} image{plural}, {targets[-2].name} and {targets[-1].name} to {out}\n")
     return EXIT_OK
 
 
@@ -278,7 +281,8 @@ def _add_generate(subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=None, metavar="K",
                    help=f"keep the K most likely codes (default: {DEFAULT_TOP_K}, or the model's image vocabulary "
                         "if smaller)")
-    p.add_argument("--top-p", type=float, default=0.995, metavar="P", help="nucleus threshold in (0, 1] (default: 0.995)")
+    p.add_argument("--top-p", type=float, default=0.995, metavar="P",
+                   help="nucleus threshold in (0, 1] (default: 0.995)")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="> 0 (default: 1.0)")
     p.add_argument("--seed", type=int, default=None, metavar="S",
                    help="candidate i uses seed S+i (default: random seeds, written to results.json)")
@@ -332,7 +336,7 @@ def _model_rows(cache_dir: Optional[str]) -> list[tuple[str, str, str, str, str]
     text_repo = (open_clip.get_model_config(DEFAULT_CLIP_MODEL) or {}).get("text_cfg", {}).get("hf_model_name")
     if text_repo:
         for filename in ("config.json", "tokenizer.json"):
-            rows.append(("clip text tower", "reranker", text_repo, filename,
+            rows.append(("clip_text", "reranker", text_repo, filename,
                          "yes" if _cached([text_repo], filename, cache_dir) else "no"))
     return rows
 
@@ -386,9 +390,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     package_logger = logging.getLogger("rudalle_pipe")
-    old_level = package_logger.level
+    old_level, old_propagate = package_logger.level, package_logger.propagate
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.WARNING)
+    package_logger.propagate = False  # a root handler (open_clip's logging.info() installs one) would repeat them
     try:
         args = build_parser().parse_args(argv)
         if args.verbose:
@@ -397,7 +402,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exit_:  # --help / --version
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
     except UsageError as err:
-        sys.stderr.write(f"{_one_line(err) if str(err).startswith(PROG) else PROG + ': error: ' + _one_line(err)}\n")
+        sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
@@ -410,3 +415,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         package_logger.removeHandler(handler)
         package_logger.setLevel(old_level)
+        package_logger.propagate = old_propagate

@@ -61,7 +61,8 @@ def check_sampling_args(*, top_k: int, top_p: float, temperature: float, vocab: 
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _check_count(name: str, value: int) -> None:
+def check_count(name: str, value: int) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``value`` is an int >= 1 (``name`` names it)."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int >= 1, got {value!r} ({type(value).__name__})")
     if value < 1:
@@ -87,13 +88,18 @@ def filter_logits(logits: torch.Tensor, *, top_k: int, top_p: float, temperature
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
-        drop_sorted = cumulative > top_p
-        drop_sorted[..., 1:] = drop_sorted[..., :-1].clone()  # keep the token that crosses top_p
-        drop_sorted[..., 0] = False  # always keep the best token
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        drop_sorted = _nucleus_drop(sorted_logits, top_p)  # (B, V) in sorted order
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return logits
+
+
+def _nucleus_drop(sorted_scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Bool mask over descending ``sorted_scores [B, V]``: True after the first token whose
+    cumulative probability exceeds ``top_p`` (that token and the best one are always kept)."""
+    drop = sorted_scores.softmax(dim=-1).cumsum(dim=-1) > top_p
+    drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses top_p
+    drop[..., 0] = False  # always keep the best token
+    return drop
 
 
 def filtered_candidates(
@@ -120,11 +126,7 @@ def filtered_candidates(
         if top_k < vocab:
             scores = scores.masked_fill(scores < scores[:, top_k - 1 : top_k], float("-inf"))
     if top_p < 1.0:
-        cumulative = scores.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative > top_p
-        drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses top_p
-        drop[..., 0] = False  # always keep the best token
-        scores = scores.masked_fill(drop, float("-inf"))
+        scores = scores.masked_fill(_nucleus_drop(scores, top_p), float("-inf"))
     return scores, index
 
 
@@ -137,7 +139,8 @@ def _draw(logits: torch.Tensor, generators: Sequence[torch.Generator], **filters
     return index.gather(1, picks[:, None])[:, 0]
 
 
-def _seeds_for(num_images: int, seed: Optional[int], generator: Optional[torch.Generator]) -> list[int]:
+def seeds_for(num_images: int, seed: Optional[int], generator: Optional[torch.Generator]) -> list[int]:
+    """One seed per image: ``seed + i``, or drawn from ``generator``, or fresh entropy if neither."""
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
     if seed is not None:
@@ -278,10 +281,10 @@ def generate_images(
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     check_sampling_args(top_k=top_k, top_p=top_p, temperature=temperature, vocab=dalle.config.image_vocab_size)
-    _check_count("num_images", num_images)
-    _check_count("batch_size", batch_size)
+    check_count("num_images", num_images)
+    check_count("batch_size", batch_size)
     text_ids = tokenizer.encode_text(prepare_text(text), dalle.config.text_seq_length)
-    seeds = _seeds_for(num_images, seed, generator)
+    seeds = seeds_for(num_images, seed, generator)
     logger.info("generating %d images for %r (top_k=%d, top_p=%s, temperature=%s)",
                 num_images, text, top_k, top_p, temperature)
     codes, ppl = sample_codes(dalle, text_ids, seeds=seeds, top_k=top_k, top_p=top_p,
