@@ -9,14 +9,14 @@ is the same geometry as ``render(scene, 64)``, only finer. The (colour, shape) p
 
 ``detect`` reads the attributes back from an image (a generated one, or a render): background
 from the border, object colour by majority palette vote, shape by fitting each shape's template
-to the object's area and centroid, size by area, position by the template's centre.
+(sharp or blurred) to the object's area and centroid, size by area, position by the template's
+centre. It tolerates mild blur, noise and colour shifts, as in images from a small generator.
 """
 from __future__ import annotations
 
 import hashlib
 import random
 import re
-from collections import deque
 from dataclasses import dataclass, fields
 from typing import Sequence
 
@@ -130,10 +130,20 @@ def sample_scene(rng: random.Random, split: str = "train") -> Scene:
 
 # ---------------------------------------------------------------- rendering
 def _coverage(pts: np.ndarray, size: int, supersample: int) -> np.ndarray:
-    """Anti-aliased coverage [size, size] float32 in [0, 1] of polygon ``pts`` (pixel units)."""
-    big = Image.new("L", (size * supersample, size * supersample), 0)
-    ImageDraw.Draw(big).polygon([tuple(p) for p in pts * supersample], fill=255)
-    return np.asarray(big.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
+    """Anti-aliased coverage [size, size] float32 in [0, 1] of polygon ``pts`` (pixel units).
+
+    Only the polygon's pixel bbox (plus one pixel, as PIL fills edges inclusively) is drawn at
+    ``supersample`` x and box-downsampled; the result equals drawing the whole canvas.
+    """
+    x0, y0 = np.clip(np.floor(pts.min(0)).astype(int) - 1, 0, size)
+    x1, y1 = np.clip(np.ceil(pts.max(0)).astype(int) + 1, 0, size)
+    out = np.zeros((size, size), np.float32)
+    if x1 <= x0 or y1 <= y0:
+        return out
+    crop = Image.new("L", ((x1 - x0) * supersample, (y1 - y0) * supersample), 0)
+    ImageDraw.Draw(crop).polygon([tuple(p) for p in (pts - (x0, y0)) * supersample], fill=255)
+    out[y0:y1, x0:x1] = np.asarray(crop.resize((x1 - x0, y1 - y0), Image.BOX), np.float32) / 255.0
+    return out
 
 
 def render(scene: Scene, size: int = 64) -> Image.Image:
@@ -162,7 +172,7 @@ _COLOR_FORMS = {
     "голубой": ("голубой", "голубая"), "синий": ("синий", "синяя"),
     "фиолетовый": ("фиолетовый", "фиолетовая"), "белый": ("белый", "белая"),
 }
-_BACKGROUND_FORMS = {"чёрный": "чёрном", "серый": "сером", "белый": "белом", "синий": "синем"}  # "на ... фоне"
+_BACKGROUND_FORMS = {"чёрный": "чёрном", "серый": "сером", "белый": "белом", "синий": "синем"}  # на _ фоне
 WORD_ORDERS = (  # WORD_ORDERS[0] is the canonical order
     "{size} {color} {shape} {position} на {background} фоне",
     "на {background} фоне {size} {color} {shape} {position}",
@@ -275,7 +285,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 # ---------------------------------------------------------------- detector
 _ANALYSIS = 64  # images are resized to this side before analysis
 _MIN_CONTRAST = 40.0  # RGB distance from the background below which nothing counts as an object
-_BLURS = (0.0, 0.6, 1.2, 1.8)  # Gaussian sigmas (analysis px) tried on each template: blurry inputs
+_BLURS = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5)  # Gaussian sigmas (px) tried on each template, for blurry inputs
 
 
 def _blur_matrix(sigma: float, n: int = _ANALYSIS) -> np.ndarray:
@@ -287,7 +297,7 @@ def _blur_matrix(sigma: float, n: int = _ANALYSIS) -> np.ndarray:
     return (kernel / kernel.sum(1, keepdims=True)[n // 2]).astype(np.float32)
 
 
-_BLUR_MATRICES = [_blur_matrix(s) for s in _BLURS]
+_BLUR_STACK = np.stack([_blur_matrix(s) for s in _BLURS])  # (B, 64, 64)
 
 
 @dataclass(frozen=True)
@@ -316,46 +326,50 @@ def _nearest(palette: dict[str, tuple[int, int, int]], pixels: np.ndarray) -> np
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """Largest 8-connected component of a bool mask [H, W]."""
+    """Largest 8-connected component of a bool mask [H, W] (breadth-first search on flat indices)."""
     h, w = mask.shape
-    labels = np.zeros(mask.shape, np.int32)
-    best, best_size, label = 0, 0, 0
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if labels[y0, x0]:
-            continue
-        label += 1
-        labels[y0, x0], queue, count = label, deque([(y0, x0)]), 0
-        while queue:
-            y, x = queue.popleft()
-            count += 1
-            for yy in range(max(y - 1, 0), min(y + 2, h)):
-                for xx in range(max(x - 1, 0), min(x + 2, w)):
-                    if mask[yy, xx] and not labels[yy, xx]:
-                        labels[yy, xx] = label
-                        queue.append((yy, xx))
-        if count > best_size:
-            best, best_size = label, count
-    return labels == best
+    padded = np.pad(mask, 1).ravel()  # a zero frame: neighbours of a pixel never wrap around
+    steps = [dy * (w + 2) + dx for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    unseen, best = set(np.flatnonzero(padded).tolist()), []
+    while unseen:
+        queue = [unseen.pop()]
+        for pixel in queue:  # the list grows while it is walked
+            for step in steps:
+                if pixel + step in unseen:
+                    unseen.remove(pixel + step)
+                    queue.append(pixel + step)
+        if len(queue) > len(best):
+            best = queue
+    out = np.zeros(padded.shape, bool)
+    out[best] = True
+    return out.reshape(h + 2, w + 2)[1:-1, 1:-1]
 
 
-def _dilate(mask: np.ndarray) -> np.ndarray:
-    """3x3 binary dilation of a bool mask [H, W]."""
-    padded = np.pad(mask, 1)
-    h, w = mask.shape
-    return np.any([padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=0)
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation of a bool mask [H, W] by a (2 radius + 1)^2 square."""
+    padded, (h, w), k = np.pad(mask, radius), mask.shape, 2 * radius + 1
+    return np.any([padded[dy:dy + h, dx:dx + w] for dy in range(k) for dx in range(k)], axis=0)
 
 
-def _fit_template(shape: str, alpha: np.ndarray, area: float, centroid: np.ndarray) -> tuple[float, np.ndarray]:
-    """Place ``shape`` with the object's area and centroid; return (soft IoU, bbox centre px)."""
-    unit_area, unit_centroid = _AREA_CENTROID[shape]
-    scale = np.sqrt(area / unit_area)
-    pts = (_OUTLINES[shape] - unit_centroid) * scale + centroid
-    sharp = _coverage(pts, _ANALYSIS, supersample=4)
-    iou = 0.0
-    for blur in _BLUR_MATRICES:  # the best of a few blur levels, so blurry inputs fit too
-        template = blur @ sharp @ blur.T  # (64, 64)
-        iou = max(iou, np.minimum(alpha, template).sum() / max(np.maximum(alpha, template).sum(), 1e-6))
-    return float(iou), centroid - unit_centroid * scale
+def _fit_templates(alpha: np.ndarray, region: np.ndarray, area: float,
+                   centroid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Place every shape with the object's area and centroid, blurred by each of ``_BLURS``.
+
+    Returns (best soft IoU inside ``region`` per shape [S], bbox centre (x, y) px per shape [S, 2]).
+    """
+    sharp, centres = [], []
+    for shape in SHAPES:
+        unit_area, unit_centroid = _AREA_CENTROID[shape]
+        scale = np.sqrt(area / unit_area)
+        pts = (_OUTLINES[shape] - unit_centroid) * scale + centroid
+        sharp.append(_coverage(pts, _ANALYSIS, supersample=4))
+        centres.append(centroid - unit_centroid * scale)
+    blur, blur_t = _BLUR_STACK[None], _BLUR_STACK.transpose(0, 2, 1)[None]  # (1, B, 64, 64)
+    blurred = blur @ np.stack(sharp)[:, None] @ blur_t  # (S, B, 64, 64)
+    blurred *= region
+    inter = np.minimum(blurred, alpha).sum((2, 3))  # (S, B)
+    union = np.maximum(blurred, alpha).sum((2, 3))  # (S, B)
+    return (inter / np.maximum(union, 1e-6)).max(1), np.stack(centres)
 
 
 def detect(image: Image.Image) -> Detection:
@@ -375,23 +389,29 @@ def detect(image: Image.Image) -> Detection:
     bg_rgb = np.median(border, axis=0)
     background = list(BACKGROUNDS)[_nearest(BACKGROUNDS, bg_rgb[None])[0]]
     dist = np.linalg.norm(rgb - bg_rgb, axis=-1)  # (64, 64)
-    d_ref = float(np.percentile(dist, 99.5))
+    d_ref = float(np.percentile(dist, 99.5))  # contrast of the most object-like pixels
+    floor = float(np.median(np.linalg.norm(border - bg_rgb, axis=-1)))  # noise level
     if d_ref < _MIN_CONTRAST:
         return Detection(None, None, None, None, background, 0.0)
     # 2. object: largest component far from the background; colour by majority palette vote
     component = _largest_component(dist > 0.5 * d_ref)
     core = component & (dist > 0.75 * d_ref)
+    core = core if core.any() else component
     votes = np.bincount(_nearest(COLORS, rgb[core]), minlength=len(COLORS))
     color = list(COLORS)[int(votes.argmax())]
-    contrast = max(float(np.median(dist[core])), float(np.linalg.norm(np.array(COLORS[color]) - bg_rgb)))
-    alpha = np.clip(dist / contrast, 0, 1) * _dilate(component)  # (64, 64) coverage
+    measured, palette = float(np.median(dist[core])), float(np.linalg.norm(np.array(COLORS[color]) - bg_rgb))
+    contrast = float(np.clip(palette, measured, 1.5 * measured))  # blur lowers the measured contrast
+    region = _dilate(component, 3)  # room for blurred edges
+    alpha = np.clip((dist - floor) / max(contrast - floor, 1.0), 0, 1) * region  # (64, 64) coverage
     area = float(alpha.sum())
+    if area < 1.0:  # border noise as strong as the object: nothing to measure
+        return Detection(None, color, None, None, background, 0.0)
     ys, xs = np.mgrid[:_ANALYSIS, :_ANALYSIS] + 0.5
     centroid = np.array([(alpha * xs).sum(), (alpha * ys).sum()]) / area  # (x, y) px
     # 3. shape: template with the same area and centroid that overlaps best
-    fits = {s: _fit_template(s, alpha, area, centroid) for s in SHAPES}
-    shape = max(fits, key=lambda s: fits[s][0])
-    iou, centre = fits[shape]
+    ious, centres = _fit_templates(alpha, region, area, centroid)
+    best = int(ious.argmax())
+    shape, iou, centre = SHAPES[best], float(ious[best]), centres[best]
     # 4. size: nearer (in log area) of the shape's two sizes; position: nearest bbox centre
     unit_area = _AREA_CENTROID[shape][0]
     log_areas = {s: np.log(unit_area * (_EXTENT[s] * _ANALYSIS) ** 2) for s in SIZES}
@@ -410,13 +430,15 @@ def attribute_matches(detected: Detection | Scene, target: Scene) -> dict[str, b
     return {a: getattr(detected, a) == getattr(target, a) for a in _ATTRIBUTES}
 
 
-def score(images: Sequence[Image.Image], scenes: Sequence[Scene], *, progress: bool = False) -> dict[str, float]:
+def score(images: Sequence[Image.Image], scenes: Sequence[Scene], *,
+          progress: bool = False) -> dict[str, float]:
     """Detector accuracy of ``images`` against their intended ``scenes``.
 
     Returns the fraction correct per attribute plus ``"all"`` (every attribute right) and ``"count"``.
     """
     if len(images) != len(scenes) or not images:
-        raise ValueError(f"need as many images as scenes (and at least one), got {len(images)} and {len(scenes)}")
+        raise ValueError(f"need as many images as scenes (and at least one), "
+                         f"got {len(images)} and {len(scenes)}")
     hits = {a: 0 for a in (*_ATTRIBUTES, "all")}
     for image, scene in tqdm(zip(images, scenes), total=len(images), disable=not progress, desc="detect"):
         matches = attribute_matches(detect(image), scene)
