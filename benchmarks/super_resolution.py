@@ -2,7 +2,7 @@
 
 Rerun from the repo root (with the package importable, e.g. `pip install -e .` or PYTHONPATH=.):
 
-    python benchmarks/super_resolution.py                 # default cases, ~3-5 min on 2 cores
+    python benchmarks/super_resolution.py                 # default cases, ~5 min on 2 idle cores
     python benchmarks/super_resolution.py --full          # also 1024 px at full depth (~10+ min, ~15 GB untiled)
     python benchmarks/super_resolution.py --sizes 256 --num-block 23 --threads 1
 
@@ -13,7 +13,7 @@ What it measures:
   "peak increase" is max RSS minus the RSS just before the `super_resolution` call (model and input
   already built), i.e. what upscaling itself needed on top. Times are one call, no warm-up run.
 * 1024 px at full depth takes ~15x the 256 px time (about 4-5 min per case on 2 cores), so by default
-  the 1024 px cases use num_block 2 (`--num-block-large`). Peak memory barely depends on depth: it is
+  the 1024 px cases use num_block 1 (`--num-block-large`). Peak memory barely depends on depth: it is
   set by the full-resolution feature maps of the upsampling path (64 ch at 4x size). The full-depth
   time at 1024 px is *estimated* from the 256 px full-depth run by scaling with the pixels processed.
 """
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 1024], help="square input sizes")
     parser.add_argument("--num-block", type=int, default=23, help="RRDB blocks (real model: 23)")
     parser.add_argument("--large", type=int, default=512, help="sizes above this use --num-block-large")
-    parser.add_argument("--num-block-large", type=int, default=2, help="RRDB blocks for large sizes")
+    parser.add_argument("--num-block-large", type=int, default=1, help="RRDB blocks for large sizes")
     parser.add_argument("--full", action="store_true", help="use --num-block for every size")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -18,6 +18,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rudalle_pipe.hub import download, load_state_dict_lazily, read_checkpoint
+from rudalle_pipe.registry import PRETRAINED
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ class ResidualDenseBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = [x]
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
-            feats.append(F.leaky_relu(conv(torch.cat(feats, dim=1)), 0.2))  # (B, g, H, W)
+            feats.append(F.leaky_relu(conv(torch.cat(feats, dim=1)), 0.2, inplace=True))  # (B, g, H, W)
         return x + 0.2 * self.conv5(torch.cat(feats, dim=1))  # (B, F, H, W)
 
 
@@ -149,8 +151,8 @@ class RRDBNet(nn.Module):
         ups = [self.conv_up1, self.conv_up2] + ([self.conv_up3] if self.scale == 8 else [])
         for conv in ups:
             feat = F.interpolate(feat, scale_factor=2, mode="nearest")  # (B, F, 2h, 2w)
-            feat = F.leaky_relu(conv(feat), 0.2)
-        return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))  # (B, out, s*H, s*W)
+            feat = F.leaky_relu(conv(feat), 0.2, inplace=True)
+        return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2, inplace=True))  # (B, out, s*H, s*W)
 
 
 # ----------------------------------------------------------------------------- registry and loading
@@ -163,10 +165,11 @@ class RealESRGANWeights:
     config: RRDBNetConfig  # architecture of the file
 
 
-REALESRGAN_MODELS: dict[str, RealESRGANWeights] = {
-    f"x{s}": RealESRGANWeights("shonenkov/rudalle-utils", f"RealESRGAN_x{s}.pth", RRDBNetConfig(scale=s))
-    for s in (2, 4, 8)
-}
+# Derived from the package registry (rudalle_pipe.registry), the single source of names and files.
+REALESRGAN_MODELS: Mapping[str, RealESRGANWeights] = MappingProxyType({
+    name: RealESRGANWeights(entry.repo_id, entry.filename, RRDBNetConfig(**entry.config))
+    for name, entry in PRETRAINED.items() if entry.kind == "realesrgan"
+})
 _OVERRIDABLE = ("num_feat", "num_block", "num_grow_ch")
 
 
@@ -360,7 +363,7 @@ def _upscale_planes(
             if p == 0:
                 weight[0, 0, s * y : s * (y + th), s * x0 : s * (x0 + tw)] += win
         bar.update(len(chunk))
-    return canvas / weight
+    return canvas.div_(weight)
 
 
 _MODES = {"RGB": (3, False), "RGBA": (3, True), "L": (1, False), "LA": (1, True)}  # mode -> (colour ch, alpha)
@@ -416,13 +419,17 @@ def super_resolution(
     Args:
         images: PIL images of any size in mode "RGB", "RGBA", "L" or "LA" (others raise; convert them
             first). Gray images go through the network as 3 equal channels and come back as the mean of
-            the 3 outputs. Alpha is upscaled the same way, through the network, as a gray image.
+            the 3 outputs. Alpha is upscaled the same way, through the network, as a gray image
+            (like Real-ESRGAN's own default); a constant alpha (e.g. fully opaque) is copied as is.
         upscaler: maps ``[B, 3, H, W]`` in [0, 1] to ``[B, 3, sH, sW]``; run on its own device and dtype
             (read from its parameters) under ``torch.inference_mode()``. Its train/eval mode is left alone.
         batch_size: tiles per forward call.
         tile_size: side of the square input tiles in pixels; ``None`` or 0 runs each image whole.
-            192 (with overlap 24) is close to the original's 240 px patches and keeps the x4 network's
-            activations per tile batch at a few hundred MB whatever the image size.
+            192 with overlap 24 is close to the original's 240 px patches (192 + 2 * 24) and bounds
+            the x4 model's extra CPU memory to about 2 GB in fp32 with batch_size 4 whatever the image
+            size (untiled, a 1024 px image needs ~14 GB; see benchmarks/super_resolution.py). Tiles
+            are shrunk to the smallest size that covers the image with the same number of tiles, so a
+            256 px image (286 px with padding) costs 4 tiles of 155 px, ~1.2x the untiled work.
         tile_overlap: input pixels shared by neighbouring tiles (at least). Inside the overlaps the
             predictions are blended with a sin^2 window, so tile borders leave no seams.
         border_pad: reflect-padding added around each image before tiling and cropped after (the
@@ -435,7 +442,7 @@ def super_resolution(
         the network output clamped to [0, 1], times 255, rounded.
 
     Peak memory: the network sees at most ``batch_size`` tiles of ``tile_size``; the output is
-    accumulated on the CPU (float32, 4 planes of the output size per image part).
+    accumulated on the CPU in float32 (4 planes of the output size, 7 with a non-constant alpha).
     """
     _check_inputs(images, upscaler, batch_size, tile_size, tile_overlap, border_pad)
     s, m = upscaler.scale, getattr(upscaler, "input_multiple", 1)
@@ -444,23 +451,27 @@ def super_resolution(
         n_ch, has_alpha = _MODES[img.mode]
         arr = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)  # (H, W) or (H, W, C)
         arr = arr.reshape(img.height, img.width, -1).permute(2, 0, 1)  # (C, H, W)
-        planes = [arr[:n_ch].expand(3, -1, -1)] + ([arr[-1:].expand(3, -1, -1)] if has_alpha else [])
-        x = torch.stack(planes)  # (N, 3, H, W), N = 2 with alpha
+        alpha = arr[-1:] if has_alpha else None  # (1, H, W)
+        flat_alpha = alpha is not None and bool((alpha == alpha.flatten()[0]).all())
+        planes = [arr[:n_ch].expand(3, -1, -1)] + ([alpha.expand(3, -1, -1)] if has_alpha and not flat_alpha else [])
+        x = torch.stack(planes)  # (N, 3, H, W), N = 2 with a non-constant alpha
         py, px = min(border_pad, img.height - 1), min(border_pad, img.width - 1)
         x = F.pad(x, (px, px, py, py), mode="reflect") if py or px else x
         eh, ew = -x.shape[2] % m, -x.shape[3] % m  # grow to a multiple of the unshuffle factor
         x = F.pad(x, (0, ew, 0, eh), mode="replicate") if eh or ew else x
-        plans.append((img, x, py, px))
-    total = sum(x.shape[0] * len(_tile_grid(x, tile_size, tile_overlap, m)) for _, x, _, _ in plans)
+        plans.append((img, x, py, px, alpha.flatten()[0].item() if flat_alpha else None))
+    total = sum(x.shape[0] * len(_tile_grid(x, tile_size, tile_overlap, m)) for _, x, *_ in plans)
 
     results = []
     with torch.inference_mode(), tqdm(total=total, desc="super_resolution", unit="tile", disable=not progress) as bar:
-        for img, x, py, px in plans:
+        for img, x, py, px, flat_alpha in plans:
             out = _upscale_planes(x, upscaler, tile_size or None, tile_overlap, batch_size, bar)  # (N, 3, sH', sW')
             out = out[:, :, s * py : s * (py + img.height), s * px : s * (px + img.width)]  # (N, 3, sH, sW)
             n_ch, has_alpha = _MODES[img.mode]
             color = out[0] if n_ch == 3 else out[0].mean(0, keepdim=True)  # (C, sH, sW)
-            chans = torch.cat([color] + ([out[1].mean(0, keepdim=True)] if has_alpha else []))
+            if has_alpha:  # (1, sH, sW)
+                alpha = out[1].mean(0, keepdim=True) if flat_alpha is None else torch.full_like(color[:1], flat_alpha)
+            chans = torch.cat([color, alpha] if has_alpha else [color])  # (C', sH, sW)
             arr = (chans.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (sH, sW, C)
             result = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
             assert result.mode == img.mode, (result.mode, img.mode)

@@ -220,6 +220,25 @@ def test_tiled_pointwise_upscaler_equals_nearest_resize(mode, scale, multiple):
     assert all(b <= 3 and h <= 32 and w <= 32 for b, _, h, w in upscaler.calls)  # memory bounded by tile size
 
 
+def test_constant_alpha_is_copied_not_upscaled():
+    upscaler = NearestUpscaler(4)
+    image = _random_image("RGB", (30, 20), seed=6)
+    image.putalpha(255)
+    (out,) = super_resolution([image], upscaler, tile_size=None, progress=False)
+    assert upscaler.calls == [(1, 3, 50, 60)]  # colour only
+    assert out.mode == "RGBA" and np.all(np.asarray(out)[:, :, 3] == 255)
+
+
+@pytest.mark.parametrize("scale", [1, 2, 8])
+def test_real_rrdbnet_odd_sizes(scale):
+    torch.manual_seed(0)
+    model = RRDBNet(RRDBNetConfig(num_feat=8, num_block=1, num_grow_ch=4, scale=scale))
+    image = _random_image("RGB", (53, 37), seed=7)
+    for tile in (32, None):
+        (out,) = super_resolution([image], model, tile_size=tile, tile_overlap=8, progress=False)
+        assert out.size == (53 * scale, 37 * scale) and out.mode == "RGB"
+
+
 def test_untiled_runs_whole_image_once():
     upscaler = NearestUpscaler(4)
     images = [_random_image("RGB", (53, 37), seed=2), _random_image("RGB", (20, 20), seed=3)]
