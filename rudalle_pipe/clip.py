@@ -9,6 +9,10 @@ The original ruDALL-E ranked its candidates with ruCLIP. This module does the sa
   ``cache_dir`` and ``HF_HUB_OFFLINE``.
 * :func:`cherry_pick_by_clip` scores PIL images against a text by cosine similarity and returns
   them best first.
+* :class:`YTTMClipTokenizer` lets a CLIP text tower read ruDALL-E's own YouTokenToMe BPE ids (the
+  embedded demo CLIP does): a ``local-dir:`` / ``hf-hub:`` folder whose ``open_clip_config.json``
+  has a ``"rudalle_pipe": {"tokenizer": "bpe.model", "context_length": N}`` entry gets it instead of
+  open_clip's tokenizer. :func:`save_clip` writes that layout.
 
 The default model, ``xlm-roberta-base-ViT-B-32`` / ``laion5b_s13b_b90k``, has a multilingual text
 tower, so Russian prompts work without translation. open_clip is imported lazily: it is heavy.
@@ -29,6 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .hub import WeightsNotFoundError
+from .images import check_images
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +42,8 @@ __all__ = [
     "DEFAULT_CLIP_PRETRAINED",
     "ClipBundle",
     "get_clip",
+    "YTTMClipTokenizer",
+    "save_clip",
     "RerankOutput",
     "cherry_pick_by_clip",
 ]
@@ -56,6 +63,89 @@ class ClipBundle:
     tokenizer: Callable[..., torch.Tensor] = field(repr=False)  # list[str] -> int64 (T, context_length)
     name: str  # architecture name, or "hf-hub:org/repo" / "local-dir:/path"
     pretrained: str | None  # pretrained tag, checkpoint path, or None (random weights / schema name)
+    model_cfg: dict[str, Any] | None = field(default=None, repr=False)  # open_clip model config (for save_clip)
+
+
+# ---------------------------------------------------------------------------------------------
+# ruDALL-E's BPE as a CLIP tokenizer
+# ---------------------------------------------------------------------------------------------
+
+_CONFIG_KEY = "rudalle_pipe"  # entry of open_clip_config.json naming a YTTM tokenizer file
+
+
+class YTTMClipTokenizer:
+    """Callable ``texts -> int64 [N, context_length]`` from a ruDALL-E :class:`YTTMTokenizer`.
+
+    Each text is lowercased and stripped (as the pipeline does before generation), encoded as
+    ``[bos=2] + bpe ids + [eos=3]`` and right-padded with ``pad=0``. A text too long for
+    ``context_length`` keeps its first ``context_length - 1`` tokens and still ends with EOS, so a
+    text tower configured with ``pool_type="eos", eos_id=3`` always pools the last real token.
+    """
+
+    def __init__(self, bpe: Any, context_length: int) -> None:
+        from .tokenizer import YTTMTokenizer
+
+        if not isinstance(bpe, YTTMTokenizer):
+            raise TypeError(f"bpe must be a rudalle_pipe.tokenizer.YTTMTokenizer, got {type(bpe).__name__}")
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
+            raise ValueError(f"context_length must be an int >= 2 (room for BOS and EOS), got {context_length!r}")
+        self.bpe = bpe
+        self.context_length = context_length
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, context_length: int) -> "YTTMClipTokenizer":
+        """Read a yttm ``bpe.model`` file (see :meth:`YTTMTokenizer.from_file`)."""
+        from .tokenizer import YTTMTokenizer
+
+        return cls(YTTMTokenizer.from_file(path), context_length)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids; the text tower's ``vocab_size`` must be at least this."""
+        return self.bpe.vocab_size
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Token ids, int64 ``[N, context_length]`` (N = 1 for a single str)."""
+        from .tokenizer import prepare_text
+
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"texts must be a str or a list of str, got {texts!r}")
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)  # (N, L), pad 0
+        for row, text in enumerate(texts):
+            body = self.bpe.encode(prepare_text(text))[: self.context_length - 2]
+            ids = [self.bpe.bos_id, *body, self.bpe.eos_id]
+            out[row, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size}, context_length={self.context_length})"
+
+
+def _schema_tokenizer(name: str, cache_dir: str | None) -> YTTMClipTokenizer | None:
+    """The YTTM tokenizer named by a schema name's ``open_clip_config.json``, or None if it names none."""
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):])
+        config = json.loads((folder / "open_clip_config.json").read_text("utf-8"))
+    elif name.startswith("hf-hub:"):
+        repo_id = name[len("hf-hub:"):]
+        config = json.loads(_hub_file(repo_id, "open_clip_config.json", cache_dir).read_text("utf-8"))
+    else:
+        return None
+    entry = config.get(_CONFIG_KEY)
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("tokenizer"), str):
+        raise ValueError(f"{name!r}: open_clip_config.json entry {_CONFIG_KEY!r} must be "
+                         f'{{"tokenizer": "bpe.model", "context_length": N}}, got {entry!r}')
+    context_length = entry.get("context_length", config["model_cfg"]["text_cfg"].get("context_length"))
+    if name.startswith("local-dir:"):
+        path = folder / entry["tokenizer"]
+        if not path.is_file():
+            raise ValueError(f"{name!r}: the tokenizer file {path} named in open_clip_config.json does not exist")
+    else:
+        path = _hub_file(name[len("hf-hub:"):], entry["tokenizer"], cache_dir)
+    return YTTMClipTokenizer.from_file(path, context_length)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +315,7 @@ def get_clip(
     try:
         model_cfg = _fetch(name, kind, pretrained, cache_dir)
         overrides = _hf_text_tower_override(model_cfg, cache_dir)
-        tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir)
+        tokenizer = _schema_tokenizer(name, cache_dir) or open_clip.get_tokenizer(name, cache_dir=cache_dir)
     except OSError as err:
         from huggingface_hub import constants
 
@@ -263,7 +353,62 @@ def get_clip(
         raise
     model.eval()
     logger.info("loaded CLIP %s (pretrained=%s) on %s", name, pretrained, device)
-    return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, name=name, pretrained=pretrained)
+    return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, name=name, pretrained=pretrained,
+                      model_cfg=model_cfg)
+
+
+def save_clip(
+    bundle: ClipBundle,
+    directory: str | os.PathLike,
+    model_cfg: dict[str, Any] | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``bundle`` in open_clip's ``local-dir:`` / ``hf-hub:`` layout, readable by :func:`get_clip`.
+
+    Files: ``open_clip_config.json`` (``model_cfg`` + ``preprocess_cfg``: image size, mean, std) and
+    ``open_clip_model.safetensors``; for a :class:`YTTMClipTokenizer` also ``bpe.model`` and the
+    ``"rudalle_pipe"`` config entry naming it.
+
+    Args:
+        model_cfg: open_clip's model config; default ``bundle.model_cfg``, else the config open_clip
+            knows for ``bundle.name``.
+        dtype: cast floating-point weights to this (e.g. ``torch.float16`` to halve the file);
+            :func:`get_clip` loads them back into an fp32 model. Default: keep them as they are.
+
+    Raises:
+        FileExistsError: ``directory`` already holds an ``open_clip_config.json``.
+        ValueError: no model config is known for ``bundle``.
+    """
+    import open_clip
+    from safetensors.torch import save_file
+
+    if not isinstance(bundle, ClipBundle):
+        raise TypeError(f"bundle must be a ClipBundle, got {type(bundle).__name__}")
+    directory = Path(directory)
+    if (directory / "open_clip_config.json").exists():
+        raise FileExistsError(f"{directory} already holds a saved CLIP; choose an empty directory")
+    model_cfg = model_cfg or bundle.model_cfg or open_clip.get_model_config(bundle.name)
+    if model_cfg is None:
+        raise ValueError(f"open_clip does not know the architecture {bundle.name!r}; pass model_cfg=")
+    visual = bundle.model.visual
+    preprocess_cfg = dict(getattr(visual, "preprocess_cfg", None) or {})  # size, mean, std, interpolation...
+    size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
+    preprocess_cfg.update(
+        size=size,
+        mean=list(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
+        std=list(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD),
+    )
+    config: dict[str, Any] = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(bundle.tokenizer, YTTMClipTokenizer):
+        bundle.tokenizer.bpe.save(directory / "bpe.model")
+        config[_CONFIG_KEY] = {"tokenizer": "bpe.model", "context_length": bundle.tokenizer.context_length}
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+             for k, v in bundle.model.state_dict().items()}
+    save_file(state, str(directory / "open_clip_model.safetensors"))
+    (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return directory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,13 +434,7 @@ def _check_rerank_inputs(
     templates: Sequence[str] | None,
 ) -> None:
     """Raise TypeError/ValueError naming the bad argument; return quietly when all are valid."""
-    if isinstance(images, (Image.Image, str)) or not isinstance(images, Sequence):
-        raise TypeError(f"images must be a list of PIL images, got {type(images).__name__}")
-    if len(images) == 0:
-        raise ValueError("images is empty: there is nothing to rank")
-    for i, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"images[{i}] is a {type(image).__name__}, expected a PIL.Image.Image")
+    check_images(images)
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}: {text!r}")
     if not isinstance(clip, ClipBundle):

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from rudalle_pipe.hub import download, load_state_dict_lazily, read_checkpoint
+from rudalle_pipe.images import check_images
 from rudalle_pipe.registry import PRETRAINED
 
 logger = logging.getLogger(__name__)
@@ -373,18 +374,8 @@ def _check_inputs(
     images: Sequence[Image.Image], upscaler: nn.Module, batch_size: int, tile_size: int | None,
     tile_overlap: int, border_pad: int,
 ) -> None:
-    if isinstance(images, Image.Image) or not isinstance(images, Sequence):
-        raise TypeError(f"images must be a list of PIL images, got {type(images).__name__}")
-    if len(images) == 0:
-        raise ValueError("images is empty: pass at least one PIL image")
-    for i, img in enumerate(images):
-        if not isinstance(img, Image.Image):
-            raise TypeError(f"images[{i}] is a {type(img).__name__}, not a PIL.Image.Image")
-        if img.mode not in _MODES:
-            raise ValueError(
-                f"images[{i}] has mode {img.mode!r}; supported modes are {list(_MODES)}. Convert it "
-                f"first, e.g. img.convert('RGBA') for palette images with transparency, else img.convert('RGB')"
-            )
+    check_images(images, modes=_MODES, hint=". Convert it first, e.g. img.convert('RGBA') for palette "
+                 "images with transparency, else img.convert('RGB')")
     scale = getattr(upscaler, "scale", None)
     if not isinstance(upscaler, nn.Module) or not isinstance(scale, int) or scale < 1:
         raise TypeError(f"upscaler must be an nn.Module with an int `scale` >= 1, got {type(upscaler).__name__}")

@@ -15,6 +15,8 @@ from typing import Sequence
 
 from PIL import Image
 
+from .images import check_images
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["image_grid", "show"]
@@ -28,18 +30,11 @@ def _has_alpha(image: Image.Image) -> bool:
 
 def _check_images(images: Sequence[Image.Image]) -> list[Image.Image]:
     """Raise TypeError/ValueError naming the bad argument; return the images as a list."""
-    if isinstance(images, (Image.Image, str, bytes)) or not isinstance(images, Sequence):
-        raise TypeError(f"images must be a list of PIL images, got {type(images).__name__}")
-    if len(images) == 0:
-        raise ValueError("images is empty: pass at least one PIL image")
+    images = check_images(images, modes=_MODES)
     for i, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"images[{i}] is a {type(image).__name__}, expected a PIL.Image.Image")
-        if image.mode not in _MODES:
-            raise ValueError(f"images[{i}] has mode {image.mode!r}; supported modes: {', '.join(_MODES)}")
         if image.width < 1 or image.height < 1:
             raise ValueError(f"images[{i}] is empty ({image.width}x{image.height})")
-    return list(images)
+    return images
 
 
 def _check_int(name: str, value: object, low: int) -> None:
