@@ -28,7 +28,7 @@ import time
 import torch
 
 from rudalle_pipe import DalleConfig, DalleModel
-from rudalle_pipe.generation import _draw, sample_codes
+from rudalle_pipe.generation import _draw, decoding_threads, sample_codes
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
@@ -68,11 +68,14 @@ def decode_blocks(model: DalleModel, *, tokens: int, block: int) -> list[tuple[f
     for first in range(0, tokens - 1, block):
         bandwidth = read_bandwidth(gib=0.5, repeats=3)
         steps = min(block, tokens - 1 - first)
-        start = time.perf_counter()
-        for _ in range(steps):
-            code = _draw(out.logits[:, -1], generators, top_k=512, top_p=0.99, temperature=1.0)
-            out = model(code[:, None], past_key_values=cache, use_cache=True, image_logits_only=True, last_only=True)
-        results.append(((time.perf_counter() - start) / steps, bandwidth))
+        with decoding_threads(model, 1):  # as sample_codes does
+            start = time.perf_counter()
+            for _ in range(steps):
+                code = _draw(out.logits[:, -1], generators, top_k=512, top_p=0.99, temperature=1.0)
+                out = model(code[:, None], past_key_values=cache, use_cache=True, image_logits_only=True,
+                            last_only=True)
+            elapsed = time.perf_counter() - start
+        results.append((elapsed / steps, bandwidth))
     return results
 
 
