@@ -165,28 +165,11 @@ def save_pipeline(pipe: Pipeline, directory: str | os.PathLike, *, clip_model_cf
     pipe.dalle.save_pretrained(directory / "dalle")
     save_pretrained(pipe.vae, pipe.vae.config, directory / "vae", model_type="vqgan")
     if pipe.clip is not None:
-        _save_clip(pipe.clip, directory / "clip", clip_model_cfg)
+        from .clip import save_clip
+
+        save_clip(pipe.clip, directory / "clip", clip_model_cfg)
     if pipe.upscaler is not None:
         save_pretrained(pipe.upscaler, pipe.upscaler.config, directory / "upscaler", model_type="rrdbnet")
     meta = {"format": FORMAT, "version": 1, "name": pipe.name or directory.name}
     (directory / "pipeline.json").write_text(json.dumps(meta, indent=2) + "\n")
     return directory
-
-
-def _save_clip(bundle: Any, directory: Path, model_cfg: dict | None) -> None:
-    """open_clip's ``local-dir:``/``hf-hub:`` layout: ``open_clip_config.json`` + safetensors."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    model_cfg = model_cfg or open_clip.get_model_config(bundle.name)
-    if model_cfg is None:
-        raise ValueError(f"open_clip does not know the architecture {bundle.name!r}; pass clip_model_cfg=")
-    directory.mkdir(parents=True)
-    visual = bundle.model.visual
-    preprocess_cfg = {"image_size": visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0],
-                      "mean": list(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN),
-                      "std": list(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)}
-    config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
-    (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    state = {k: v.contiguous() for k, v in bundle.model.state_dict().items()}
-    save_file(state, str(directory / "open_clip_model.safetensors"))

@@ -113,6 +113,11 @@ def run_training(
         start = json.loads(state_file.read_text())["step"]
         logger.info("%s: resuming from step %d of %d", name, start, config.steps)
     log_path = out_dir / "loss_log.csv"
+    if log_path.exists():  # drop rows logged after the checkpoint we resume from
+        rows = list(csv.reader(log_path.open()))
+        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= start]
+        with open(log_path, "w", newline="") as f:
+            csv.writer(f).writerows(kept)
     new_log = not log_path.exists()
     losses: list[float] = []
     model.train()
