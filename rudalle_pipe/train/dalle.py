@@ -1,0 +1,154 @@
+"""Stage 3: train the generator (:class:`rudalle_pipe.DalleModel`) on captioned, VQGAN-encoded renders.
+
+The dataset is every distinct scene of the ``"train"`` split, each with all its caption word orders
+(``shapes.WORD_ORDERS``). The renders are encoded once with the trained VQGAN (deterministic argmax)
+and the codes are cached in ``out_dir/codes.pt``; the captions are tokenized with the trained BPE.
+One sequence is ``[text ids (text_seq_length) | image codes (side * side)]`` and the loss is the
+original's ``model(ids, return_loss=True).loss = (L_text + 7 L_image) / 8``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..dalle import DalleConfig, DalleModel
+from ..tokenizer import YTTMTokenizer, prepare_text
+from ..vae import VQGAN
+from .common import LoopConfig, all_captions, all_scenes, batch_indices, is_main_process, render_scenes, run_training
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DalleTrainConfig", "train", "encode_dataset", "tokenize_captions", "model_config"]
+
+
+@dataclass(frozen=True)
+class DalleTrainConfig:
+    """Stage 3 settings: the generator's size (vocabularies and grid come from the tokenizer and VQGAN),
+    optimisation and data."""
+
+    num_layers: int = 4  # transformer blocks (layer 1 uses the column mask, the last the conv mask)
+    hidden_size: int = 192  # model width
+    num_attention_heads: int = 6  # heads (head width 32)
+    text_seq_length: int = 20  # text positions: BOS + caption tokens + EOS, right-padded
+    dropout: float = 0.1  # dropout everywhere (training only)
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1000, lr=1e-3, weight_decay=0.01,
+                                                                warmup_steps=50, checkpoint_every=100))
+    batch_size: int = 32  # (caption, image) pairs per step
+    max_scenes: int | None = None  # use only the first N training scenes (tests); None = all
+    eval_scenes: int = 64  # held-out scenes whose loss is reported
+    seed: int = 0  # initialisation and batch order
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def model_config(config: DalleTrainConfig, tokenizer: YTTMTokenizer, vae: VQGAN, image_size: int) -> DalleConfig:
+    """The :class:`DalleConfig` for ``config`` with this tokenizer and VQGAN (codebook size, grid side
+    ``image_size / f``).
+
+    The text vocabulary is ``max(BPE vocab, codebook size)`` plus one pad id per text position: the
+    original loss scores the first image code as the label of the last text position *in the text
+    vocabulary*, so every code must be a valid text id (true of the real models, 16512 > 8192).
+    """
+    return DalleConfig(num_layers=config.num_layers, hidden_size=config.hidden_size,
+                       num_attention_heads=config.num_attention_heads,
+                       vocab_size=max(tokenizer.vocab_size, vae.num_tokens) + config.text_seq_length,
+                       image_vocab_size=vae.num_tokens, text_seq_length=config.text_seq_length,
+                       image_tokens_per_dim=image_size // vae.downsample_factor, dropout=config.dropout)
+
+
+@torch.no_grad()
+def encode_dataset(vae: VQGAN, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """uint8 renders (N, 3, H, W) -> int16 codes (N, (H/f) * (W/f)) by the VQGAN's argmax."""
+    codes = [vae.get_codebook_indices(chunk.float() / 255.0) for chunk in images.split(batch_size)]
+    return torch.cat(codes).to(torch.int16)  # (N, h*w); int16 holds codebooks up to 32768
+
+
+def tokenize_captions(tokenizer: YTTMTokenizer, captions: Sequence[Sequence[str]], length: int) -> torch.Tensor:
+    """Nested captions [N][V] -> int64 ids (N, V, length): BOS, BPE ids, EOS, zero padding."""
+    return torch.stack([torch.stack([tokenizer.encode_text(prepare_text(c), length) for c in variants])
+                        for variants in captions])
+
+
+def _load_or_encode(path: Path, vae: VQGAN, scenes: list, size: int, progress: bool) -> torch.Tensor:
+    """Codes of ``scenes``' renders, cached in ``path`` (re-encoded when the cache does not match)."""
+    if path.is_file():
+        cached = torch.load(path, weights_only=True)
+        if cached.shape[0] == len(scenes):
+            return cached
+    codes = encode_dataset(vae, render_scenes(scenes, size, progress=progress))
+    if is_main_process():
+        torch.save(codes, path)
+    return codes
+
+
+@torch.no_grad()
+def _eval_loss(model: DalleModel, ids: torch.Tensor) -> dict[str, float]:
+    model.eval()
+    out = model(ids, return_loss=True)
+    return {"loss": float(out.loss), "loss_text": float(out.loss_text), "loss_image": float(out.loss_image)}
+
+
+def train(out_dir: str | Path, *, config: DalleTrainConfig = DalleTrainConfig(), progress: bool = True,
+          tokenizer_path: str | Path, vae_dir: str | Path) -> Path:
+    """Train the generator and save it with :meth:`DalleModel.save_pretrained` to ``out_dir/final``.
+
+    Args:
+        tokenizer_path: the stage 1 ``bpe.model``.
+        vae_dir: the stage 2 VQGAN directory.
+    Returns:
+        The directory of the saved model. Metrics (final and held-out losses) go to ``out_dir/metrics.json``.
+    """
+    from .vqgan import load_trained
+
+    out_dir = Path(out_dir)
+    final = out_dir / "final"
+    if (final / "config.json").is_file():
+        logger.info("dalle: %s exists, skipping", final)
+        return final
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = YTTMTokenizer.from_file(tokenizer_path)
+    vae = load_trained(vae_dir)
+    size = vae.config.resolution
+    scenes = all_scenes("train")[: config.max_scenes]
+    codes = _load_or_encode(out_dir / "codes.pt", vae, scenes, size, progress)  # (S, h*w) int16
+    texts = tokenize_captions(tokenizer, [all_captions(s) for s in scenes], config.text_seq_length)  # (S, V, T)
+    n_variants = texts.shape[1]
+    model_cfg = model_config(config, tokenizer, vae, size)
+    if codes.shape[1] != model_cfg.image_seq_length:
+        raise ValueError(f"cached codes have {codes.shape[1]} positions, the model expects "
+                         f"{model_cfg.image_seq_length}; delete {out_dir / 'codes.pt'}")
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        model = DalleModel(model_cfg)
+    logger.info("dalle: %d scenes x %d captions, %.2fM parameters", len(scenes), n_variants,
+                sum(p.numel() for p in model.parameters()) / 1e6)
+
+    def get_batch(step: int) -> torch.Tensor:
+        pair = batch_indices(step, len(scenes) * n_variants, config.batch_size, config.seed)  # (B,)
+        scene, variant = pair // n_variants, pair % n_variants
+        return torch.cat([texts[scene, variant], codes[scene].long()], dim=1)  # (B, T + h*w)
+
+    def loss_fn(m, ids: torch.Tensor) -> torch.Tensor:
+        return m(ids.to(next(m.parameters()).device), return_loss=True).loss
+
+    model, losses = run_training("dalle", model, loss_fn, get_batch, config.loop, out_dir, progress=progress)
+    held_scenes = all_scenes("heldout")[:: max(1, 150 // config.eval_scenes)][: config.eval_scenes]
+    held_codes = encode_dataset(vae, render_scenes(held_scenes, size))
+    held_text = tokenize_captions(tokenizer, [all_captions(s)[:1] for s in held_scenes], config.text_seq_length)
+    train_ids = torch.stack([get_batch(0)[i] for i in range(min(config.batch_size, 64))])
+    metrics = {"final_loss": losses[-1] if losses else None,
+               "train_batch": _eval_loss(model, train_ids),
+               "heldout": _eval_loss(model, torch.cat([held_text[:, 0], held_codes.long()], dim=1)),
+               "parameters": sum(p.numel() for p in model.parameters()), "config": asdict(config)}
+    logger.info("dalle: final loss %s, held-out loss %.4f", metrics["final_loss"], metrics["heldout"]["loss"])
+    if is_main_process():
+        model.save_pretrained(final)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    return final

@@ -1,0 +1,193 @@
+"""Stage 2: train the VQGAN image tokenizer (:class:`rudalle_pipe.vae.VQGAN`) on 64 px renders.
+
+The model keeps the Sber layout: at inference ``quantize.proj`` (1x1 conv) gives ``n_embed`` logits
+per cell, the code is their argmax, and ``quantize.embed`` is the codebook the decoder reads. We train
+it as a VQ-VAE with an l2-normalised (cosine) codebook, which converges in few steps and keeps the
+codebook in use, and then write the equivalent ``proj``:
+
+    h      = normalize(quant_conv(encoder(x)))           # (B, D, h, w), x in [-1, 1], unit vectors
+    code   = argmax_k <h, e_k>  (e_k unit rows of embed)  # nearest code by cosine
+    q      = e_code;  x_hat = decoder(post_quant_conv(h + sg(q - h)))   # straight-through
+    loss   = L1 + MSE (x_hat vs x) + |sg(h) - q|^2 + beta |h - sg(q)|^2
+
+Because ``argmax_k <e_k, h> = argmax_k <e_k, quant_conv(...)>`` (the norm of h is the same for every
+k), ``proj.weight = embed.weight`` (as 1x1 conv) with zero bias reproduces the training-time codes
+exactly, with the argmax the inference code already does. Codes unused for a while (an exponential
+moving average of assignments, a buffer saved with the checkpoints) are restarted on random encoder
+outputs of the current batch; that randomness comes from a generator seeded by the step, so a
+resumed run is identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ..hub import load_pretrained, save_pretrained
+from ..vae import VQGAN, VQGANConfig
+from .common import LoopConfig, all_scenes, batch_indices, is_main_process, render_scenes, run_training
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VQGANTrainConfig", "VQGANTrainer", "train", "load_trained", "reconstruction_psnr", "sync_proj"]
+
+DEMO_VQGAN = VQGANConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=32,
+                         embed_dim=32, n_embed=512, resolution=64)  # f=8: 64 px -> 8 x 8 codes
+
+
+@dataclass(frozen=True)
+class VQGANTrainConfig:
+    """Everything stage 2 needs: architecture, optimisation, quantizer settings, data sizes."""
+
+    model: VQGANConfig = DEMO_VQGAN  # the VQGAN to train
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1600, lr=2e-3, warmup_steps=50,
+                                                                checkpoint_every=100))  # optimisation
+    batch_size: int = 12  # images per step
+    beta: float = 0.25  # commitment weight (pulls encoder outputs to their codes)
+    restart_every: int = 20  # steps between dead-code restarts
+    restart_until: float = 0.8  # fraction of the steps after which codes are no longer restarted
+    usage_decay: float = 0.95  # per-step decay of the moving average of code assignments
+    max_images: int | None = None  # use only the first N training renders (tests); None = all
+    eval_images: int = 150  # held-out renders for the PSNR report
+    seed: int = 0  # model initialisation, batch order and restarts
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.restart_every < 1:
+            raise ValueError(f"restart_every must be >= 1, got {self.restart_every}")
+
+
+class VQGANTrainer(nn.Module):
+    """Wraps a :class:`VQGAN` so that one ``forward`` is one training loss (DDP wraps this module).
+
+    ``usage`` (n_embed,) float32 buffer: moving average of how many cells each code took per step.
+    Dead codes are restarted at the start of a step (before the codebook enters the autograd graph).
+    """
+
+    def __init__(self, vae: VQGAN, beta: float, usage_decay: float) -> None:
+        super().__init__()
+        self.vae = vae
+        self.beta, self.usage_decay = beta, usage_decay
+        vae.quantize.proj.requires_grad_(False)  # derived from the codebook by sync_proj
+        self.register_buffer("usage", torch.ones(vae.config.n_embed))
+        self.register_buffer("restarted", torch.zeros((), dtype=torch.long))  # codes restarted so far
+
+    def forward(self, images: torch.Tensor, restart: bool, seed: int) -> torch.Tensor:
+        """images: uint8 (B, 3, H, W) RGB. Returns the scalar training loss."""
+        vae = self.vae
+        device = vae.quant_conv.weight.device
+        x = images.to(device).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+        if restart:  # before the codebook enters the autograd graph of this step
+            with torch.no_grad():
+                h0 = F.normalize(vae.quant_conv(vae.encoder(x)), dim=1)  # (B, D, h, w)
+                self._restart_dead(rearrange(h0, "b d y x -> (b y x) d"), seed)
+        h = F.normalize(vae.quant_conv(vae.encoder(x)), dim=1)  # (B, D, h, w), unit vectors
+        flat = rearrange(h, "b d y x -> (b y x) d")  # (N, D)
+        codebook = F.normalize(vae.quantize.embed.weight, dim=1)  # (K, D)
+        codes = (flat.detach() @ codebook.T).argmax(dim=1)  # (N,)
+        q = codebook[codes]  # (N, D)
+        vq_loss = (flat.detach() - q).pow(2).sum(1).mean() + self.beta * (flat - q.detach()).pow(2).sum(1).mean()
+        q_st = rearrange(flat + (q - flat).detach(), "(b y x) d -> b d y x", b=h.shape[0], y=h.shape[2])
+        x_hat = vae.decoder(vae.post_quant_conv(q_st))  # (B, 3, H, W)
+        rec = (x_hat - x).abs().mean() + (x_hat - x).pow(2).mean()
+        with torch.no_grad():
+            counts = torch.bincount(codes, minlength=codebook.shape[0]).float()  # (K,)
+            self.usage.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
+        return rec + vq_loss
+
+    @torch.no_grad()
+    def _restart_dead(self, flat: torch.Tensor, seed: int) -> None:
+        """Move codes whose average use fell below 1% of a uniform share onto random encoder outputs."""
+        dead = (self.usage < 0.01 * self.usage.sum() / self.usage.numel()).nonzero().flatten()  # (n,)
+        if not len(dead):
+            return
+        gen = torch.Generator().manual_seed(seed)
+        pick = torch.randint(len(flat), (len(dead),), generator=gen).to(flat.device)
+        self.vae.quantize.embed.weight[dead] = flat[pick].to(self.vae.quantize.embed.weight.dtype)
+        self.usage[dead] = self.usage.mean()
+        self.restarted += len(dead)
+
+
+@torch.no_grad()
+def sync_proj(vae: VQGAN) -> VQGAN:
+    """Write the unit-normalised codebook into ``embed`` and the cosine argmax into ``proj`` (in place)."""
+    codebook = F.normalize(vae.quantize.embed.weight, dim=1)  # (K, D)
+    vae.quantize.embed.weight.copy_(codebook)
+    vae.quantize.proj.weight.copy_(codebook[:, :, None, None])  # (K, D, 1, 1)
+    vae.quantize.proj.bias.zero_()
+    return vae
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae: VQGAN, images: torch.Tensor, batch_size: int = 50) -> tuple[float, int]:
+    """Mean PSNR (dB, images in [0, 1]) of argmax encode -> decode over uint8 ``images`` (N, 3, H, W),
+    and the number of distinct codes used."""
+    psnrs, used = [], set()
+    for chunk in images.split(batch_size):
+        x = chunk.float() / 255.0  # (b, 3, H, W) in [0, 1]
+        codes = vae.get_codebook_indices(x)  # (b, h*w)
+        used.update(codes.unique().tolist())
+        mse = (vae.decode(codes) - x).pow(2).flatten(1).mean(dim=1).clamp_min(1e-10)  # (b,)
+        psnrs.append(-10 * mse.log10())
+    return float(torch.cat(psnrs).mean()), len(used)
+
+
+def train(out_dir: str | Path, *, config: VQGANTrainConfig = VQGANTrainConfig(), progress: bool = True,
+          images: torch.Tensor | None = None, eval_images: torch.Tensor | None = None) -> Path:
+    """Train the VQGAN and save it to ``out_dir/final`` (``hub.save_pretrained``, model_type ``"vqgan"``).
+
+    Args:
+        images: uint8 (N, 3, H, W) training renders; default: every scene of the ``"train"`` split at
+            the model's resolution.
+        eval_images: uint8 held-out renders for the PSNR report; default: ``"heldout"`` scenes.
+    Returns:
+        The directory of the saved model. Metrics go to ``out_dir/metrics.json``.
+    """
+    out_dir = Path(out_dir)
+    final = out_dir / "final"
+    if (final / "config.json").is_file():
+        logger.info("vqgan: %s exists, skipping", final)
+        return final
+    size = config.model.resolution
+    if images is None:
+        images = render_scenes(all_scenes("train"), size, progress=progress)
+    if config.max_images is not None:
+        images = images[: config.max_images]
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        vae = VQGAN(config.model)
+    trainer = VQGANTrainer(vae, config.beta, config.usage_decay)
+
+    def get_batch(step: int) -> dict:
+        idx = batch_indices(step, len(images), config.batch_size, config.seed)
+        restart = (step + 1) % config.restart_every == 0 and step < config.restart_until * config.loop.steps
+        return {"images": images[idx], "restart": restart, "seed": config.seed * 1_000_003 + step}
+
+    trainer, losses = run_training("vqgan", trainer, lambda m, b: m(**b), get_batch, config.loop, out_dir,
+                                   progress=progress)
+    restarted = int(trainer.restarted)
+    vae = sync_proj(trainer.vae.eval())
+    if eval_images is None:
+        eval_images = render_scenes(all_scenes("heldout")[: config.eval_images], size)
+    psnr, used = reconstruction_psnr(vae, eval_images)
+    train_psnr, train_used = reconstruction_psnr(vae, images[: len(eval_images)])
+    metrics = {"heldout_psnr_db": psnr, "heldout_codes_used": used, "train_psnr_db": train_psnr,
+               "train_codes_used": train_used, "n_embed": config.model.n_embed, "codes_restarted": restarted,
+               "final_loss": losses[-1] if losses else None, "config": asdict(config)}
+    logger.info("vqgan: held-out PSNR %.2f dB (%d codes used), train PSNR %.2f dB", psnr, used, train_psnr)
+    if is_main_process():
+        save_pretrained(vae, vae.config, final, model_type="vqgan")
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    return final
+
+
+def load_trained(directory: str | Path) -> VQGAN:
+    """Load a VQGAN saved by :func:`train` (fp32, eval mode)."""
+    return load_pretrained(VQGAN, VQGANConfig, directory, model_type="vqgan")

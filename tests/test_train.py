@@ -1,0 +1,220 @@
+"""Training code: the BPE trainer against youtokentome, short runs of the VQGAN and generator stages
+(the loss goes down, an interrupted run resumes to the same weights) and the whole demo on tiny configs."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from rudalle_pipe.hub import save_pretrained
+from rudalle_pipe.tokenizer import YTTMTokenizer
+from rudalle_pipe.train import dalle as dalle_stage
+from rudalle_pipe.train import vqgan as vqgan_stage
+from rudalle_pipe.train.bpe import learn_bpe, train_bpe
+from rudalle_pipe.train.common import LoopConfig, all_captions, all_scenes, batch_indices, render_scenes
+from rudalle_pipe.vae import VQGAN, VQGANConfig
+
+TINY_VQGAN = VQGANConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), z_channels=8,
+                         embed_dim=8, n_embed=16, resolution=16)  # 16 px -> 8 x 8 codes
+
+
+def _captions(n_scenes: int = 40, split: str = "train") -> list[str]:
+    return [c for scene in all_scenes(split)[::7][:n_scenes] for c in all_captions(scene)]
+
+
+def _losses(out_dir: Path) -> list[float]:
+    with open(out_dir / "loss_log.csv") as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def _raise_at(module, step_to_fail: int, monkeypatch) -> None:
+    """Make the stage's get_batch raise at ``step_to_fail`` (it calls module.batch_indices(step, ...))."""
+    original = module.batch_indices
+
+    def failing(step, *args, **kwargs):
+        if step == step_to_fail:
+            raise KeyboardInterrupt(f"interrupted at step {step}")
+        return original(step, *args, **kwargs)
+
+    monkeypatch.setattr(module, "batch_indices", failing)
+
+
+# ----------------------------------------------------------------------------- data helpers
+
+
+def test_scene_enumeration_and_batches():
+    train, held = all_scenes("train"), all_scenes("heldout")
+    assert len(set(train)) == len(train) and len(set(held)) == len(held)
+    assert not {(s.color, s.shape) for s in train} & {(s.color, s.shape) for s in held}
+    assert len(set(all_captions(train[0]))) == 5
+    assert torch.equal(batch_indices(7, 10, 4), batch_indices(7, 10, 4))
+    epoch = torch.cat([batch_indices(s, 12, 4) for s in range(3)])  # one epoch covers every item once
+    assert sorted(epoch.tolist()) == list(range(12))
+    with pytest.raises(ValueError, match="split"):
+        all_scenes("test")
+
+
+# ----------------------------------------------------------------------------- stage 1: BPE
+
+
+def test_bpe_matches_youtokentome(tmp_path):
+    yttm = pytest.importorskip("youtokentome")
+    texts = _captions()
+    path = train_bpe(texts, 90, tmp_path / "bpe.model")
+    ours = YTTMTokenizer.from_file(path)
+    assert ours.vocab_size == 90
+    reference = yttm.BPE(str(path))
+    probes = texts + _captions(20, "heldout") + ["красная звезда xyz ёж", "  на\tфоне\n", "", "ъъъ фоне"]
+    assert [ours.encode(t) for t in probes] == reference.encode(probes, output_type=yttm.OutputType.ID)
+    for text in texts[:50]:
+        assert ours.decode_text(ours.encode_text(text, 64)) == text
+        assert reference.decode([ours.encode(text)])[0] == text
+
+
+def test_bpe_is_deterministic_and_checks_input(tmp_path):
+    texts = _captions(20)
+    a, b = learn_bpe(texts, 70), learn_bpe(list(reversed(texts)), 70)
+    assert a._merges == b._merges and a._chars == b._chars  # order of the texts does not matter
+    assert len(a.encode(texts[0])) < len(texts[0])  # merges shorten the encoding
+    with pytest.raises(ValueError, match="vocab_size=10 is too small"):
+        learn_bpe(texts, 10)
+    with pytest.raises(ValueError, match="no words"):
+        learn_bpe(["", "  "], 100)
+    with pytest.raises(TypeError):
+        learn_bpe("a single string", 100)
+
+
+# ----------------------------------------------------------------------------- stage 2: VQGAN
+
+
+def _vqgan_config(steps: int = 8, **kw) -> vqgan_stage.VQGANTrainConfig:
+    loop = LoopConfig(steps=steps, lr=3e-3, warmup_steps=0, checkpoint_every=2, log_every=1)
+    return vqgan_stage.VQGANTrainConfig(model=TINY_VQGAN, loop=loop, batch_size=4, eval_images=4,
+                                        restart_every=3, usage_decay=0.3, **kw)
+
+
+@pytest.fixture(scope="module")
+def renders16() -> torch.Tensor:
+    return render_scenes(all_scenes("train")[::50][:8], 16)  # (8, 3, 16, 16) uint8
+
+
+def test_vqgan_stage_trains_and_saves(tmp_path, renders16):
+    final = vqgan_stage.train(tmp_path, config=_vqgan_config(max_images=4), progress=False, images=renders16,
+                              eval_images=renders16[:4])
+    losses = _losses(tmp_path)
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    vae = vqgan_stage.load_trained(final)
+    # proj reproduces the training-time cosine argmax: codes of a render = nearest unit codebook rows
+    x = renders16[:2].float() / 255
+    h = torch.nn.functional.normalize(vae.quant_conv(vae.encoder(2 * x - 1)), dim=1)
+    expected = torch.einsum("bdyx,kd->bkyx", h, vae.quantize.embed.weight).argmax(1).flatten(1)
+    assert torch.equal(vae.get_codebook_indices(x), expected)
+    assert torch.allclose(vae.quantize.embed.weight.norm(dim=1), torch.ones(16), atol=1e-5)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["heldout_psnr_db"] > 5 and 1 <= metrics["heldout_codes_used"] <= 16
+    assert metrics["codes_restarted"] > 0  # dead codes were moved onto encoder outputs
+    assert vqgan_stage.train(tmp_path, config=_vqgan_config(), progress=False) == final  # finished: skipped
+
+
+def test_vqgan_resume_gives_the_same_weights(tmp_path, renders16, monkeypatch):
+    config = _vqgan_config(steps=6)
+    straight = vqgan_stage.load_trained(vqgan_stage.train(tmp_path / "a", config=config, progress=False,
+                                                          images=renders16, eval_images=renders16[:2]))
+    with monkeypatch.context() as patch:
+        _raise_at(vqgan_stage, 3, patch)  # the checkpoint of step 2 survives; restarts happen at step 2 and 5
+        with pytest.raises(KeyboardInterrupt):
+            vqgan_stage.train(tmp_path / "b", config=config, progress=False, images=renders16,
+                              eval_images=renders16[:2])
+    assert not (tmp_path / "b" / "final").exists()
+    resumed = vqgan_stage.load_trained(vqgan_stage.train(tmp_path / "b", config=config, progress=False,
+                                                         images=renders16, eval_images=renders16[:2]))
+    for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+# ----------------------------------------------------------------------------- stage 3: generator
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """A BPE model over the captions and a random tiny VQGAN (16 px, 8 x 8 codes)."""
+    root = tmp_path_factory.mktemp("inputs")
+    bpe_path = train_bpe([c for s in all_scenes("train") for c in all_captions(s)], 128, root / "bpe.model")
+    torch.manual_seed(0)
+    vae = VQGAN(TINY_VQGAN)
+    save_pretrained(vae, vae.config, root / "vae", model_type="vqgan")
+    return bpe_path, root / "vae"
+
+
+def _dalle_config(steps: int = 8) -> dalle_stage.DalleTrainConfig:
+    return dalle_stage.DalleTrainConfig(num_layers=2, hidden_size=32, num_attention_heads=2, text_seq_length=18,
+                                        loop=LoopConfig(steps=steps, lr=3e-3, checkpoint_every=2, log_every=1),
+                                        batch_size=8, max_scenes=8, eval_scenes=2)
+
+
+def test_dalle_stage_trains_and_saves(tmp_path, stage_inputs):
+    from rudalle_pipe import DalleModel
+
+    bpe_path, vae_dir = stage_inputs
+    final = dalle_stage.train(tmp_path, config=_dalle_config(), progress=False, tokenizer_path=bpe_path,
+                              vae_dir=vae_dir)
+    losses = _losses(tmp_path)
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.5
+    model = DalleModel.from_pretrained(final)
+    assert model.config.vocab_size == 128 + 18 and model.config.image_vocab_size == 16
+    assert model.config.image_tokens_per_dim == 8
+    codes = torch.load(tmp_path / "codes.pt", weights_only=True)
+    assert codes.shape == (8, 64) and codes.dtype == torch.int16
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["heldout"]["loss"] > 0
+
+
+def test_dalle_resume_gives_the_same_weights(tmp_path, stage_inputs, monkeypatch):
+    from rudalle_pipe import DalleModel
+
+    bpe_path, vae_dir = stage_inputs
+    config = _dalle_config(steps=5)
+    kwargs = dict(config=config, progress=False, tokenizer_path=bpe_path, vae_dir=vae_dir)
+    straight = DalleModel.from_pretrained(dalle_stage.train(tmp_path / "a", **kwargs))
+    with monkeypatch.context() as patch:
+        _raise_at(dalle_stage, 3, patch)
+        with pytest.raises(KeyboardInterrupt):
+            dalle_stage.train(tmp_path / "b", **kwargs)
+    resumed = DalleModel.from_pretrained(dalle_stage.train(tmp_path / "b", **kwargs))
+    for (key, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), key  # dropout draws from the torch RNG that the checkpoint restores
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
+def test_train_demo_quick_end_to_end(tmp_path, monkeypatch):
+    from rudalle_pipe.pipeline import load_pipeline
+    from rudalle_pipe.train import demo
+
+    pipeline_dir = demo.train_demo(tmp_path, quick=True, progress=False)
+    meta = json.loads((pipeline_dir / "pipeline.json").read_text())
+    assert meta == {"format": "rudalle_pipe.pipeline", "version": 1, "name": "demo"}
+    pipe = load_pipeline(pipeline_dir)
+    assert pipe.dalle.dtype == torch.float32 and pipe.dalle.config.image_vocab_size == pipe.vae.num_tokens
+    from safetensors import safe_open
+
+    with safe_open(str(pipeline_dir / "dalle" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16  # shipped in fp16
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert {"tokenizer", "vqgan", "dalle", "package"} <= set(timings["stages"]) and timings["total_s"] > 0
+    assert timings["pipeline_mb"] <= 30
+    # a rerun skips every finished stage and rebuilds the same pipeline
+    before = (pipeline_dir / "dalle" / "model.safetensors").read_bytes()
+    demo.train_demo(tmp_path, quick=True, progress=False)
+    assert (pipeline_dir / "dalle" / "model.safetensors").read_bytes() == before
+    # install refuses to overwrite without the flag
+    monkeypatch.setattr(demo, "BUNDLED_DIR", tmp_path / "weights")
+    demo.install(pipeline_dir)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        demo.install(pipeline_dir)
+    assert (demo.install(pipeline_dir, overwrite=True) / "pipeline.json").is_file()
