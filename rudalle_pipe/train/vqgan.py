@@ -46,7 +46,7 @@ class VQGANTrainConfig:
     """Everything stage 2 needs: architecture, optimisation, quantizer settings, data sizes."""
 
     model: VQGANConfig = DEMO_VQGAN  # the VQGAN to train
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1600, lr=2e-3, warmup_steps=50,
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1000, lr=2e-3, warmup_steps=50,
                                                                 checkpoint_every=100))  # optimisation
     batch_size: int = 12  # images per step
     beta: float = 0.25  # commitment weight (pulls encoder outputs to their codes)
