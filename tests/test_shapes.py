@@ -291,3 +291,17 @@ def test_module_constants_are_consistent():
         for background, bg in BACKGROUNDS.items():
             if color != background:
                 assert np.linalg.norm(np.subtract(rgb, bg)) > 100, (color, background)
+
+
+def test_every_held_out_caption_word_is_seen_in_training():
+    """Held-out pairs test composition, not unseen words: every word of a held-out caption occurs
+    in some training caption (word orders only permute the same words)."""
+    from rudalle_pipe.shapes import BACKGROUNDS, COLORS, HELD_OUT_PAIRS, POSITIONS, SHAPES, SIZES, Scene, caption
+
+    vocab = {True: set(), False: set()}
+    for color, shape, size, position, background in itertools.product(COLORS, SHAPES, SIZES, POSITIONS,
+                                                                      BACKGROUNDS):
+        if background != color:
+            held_out = (color, shape) in HELD_OUT_PAIRS
+            vocab[held_out].update(caption(Scene(shape, color, size, position, background)).split())
+    assert vocab[True] and vocab[True] <= vocab[False], vocab[True] - vocab[False]
