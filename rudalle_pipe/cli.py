@@ -75,21 +75,16 @@ def default_model() -> str:
 def _resolve_model(name: str) -> _Source:
     from .dalle import DalleConfig
     from .hub import read_config
-    from .pipeline import BUNDLED_DIR, list_pipelines
-    from .registry import PRETRAINED, list_pretrained
+    from .pipeline import resolve_pipeline
+    from .registry import PRETRAINED
 
-    directory = None
-    if Path(name).name == name and (BUNDLED_DIR / name / "pipeline.json").is_file():  # a bare name
-        directory, kind = BUNDLED_DIR / name, "bundled"
-    elif (Path(name) / "pipeline.json").is_file():
-        directory, kind = Path(name), "directory"
-    elif name in list_pretrained("dalle"):
+    try:
+        kind, directory = resolve_pipeline(name, what="model")
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if directory is None:  # a Hub generator preset
         vocab = DalleConfig(**PRETRAINED[name].config).image_vocab_size
-        return _Source(name, "hub", vocab, None, True)
-    else:
-        hint = f" ({name} is a directory without pipeline.json)" if Path(name).is_dir() else ""
-        raise UsageError(f"unknown model {name!r}{hint}. Available: {', '.join(list_pipelines())}, "
-                         f"or a pipeline directory written by save_pipeline (one holding pipeline.json)")
+        return _Source(name, kind, vocab, None, True)
     vocab = read_config(directory / "dalle", DalleConfig, model_type="rudalle").image_vocab_size
     scales: tuple[int, ...] = ()
     if (directory / "upscaler").is_dir():

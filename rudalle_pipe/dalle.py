@@ -101,6 +101,14 @@ class DalleOutput:
     loss_image: Optional[torch.Tensor] = None
 
 
+SMALL_ROWS = 64  # rows (batch x new positions) up to which decoding uses the numpy path
+
+
+def uses_numpy_blas(device: torch.device, dtype: torch.dtype, rows: int) -> bool:
+    """Whether products of ``rows`` rows go through numpy's BLAS (see :func:`linear`)."""
+    return device.type == "cpu" and dtype == torch.float32 and 0 < rows <= SMALL_ROWS
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; while decoding on CPU (fp32, no autograd, at most
     ``SMALL_ROWS`` rows) the product goes through numpy's BLAS instead.
@@ -111,8 +119,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     ``benchmarks/generation.py``). Results agree to float rounding.
     """
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or not 0 < rows <= SMALL_ROWS or torch.is_grad_enabled()):
+    if torch.is_grad_enabled() or weight.dtype != x.dtype or not uses_numpy_blas(x.device, x.dtype, rows):
         return F.linear(x, weight, bias)
     flat = x.detach().reshape(rows, x.shape[-1]).numpy()
     out = torch.from_numpy(weight.detach().numpy() @ flat.T).T  # (rows, out_features)
@@ -127,9 +134,6 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type != "cpu" or a.dtype != torch.float32 or torch.is_grad_enabled() or b.numel() < 1 << 16:
         return a @ b  # small products: torch's call overhead is lower
     return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy()))
-
-
-SMALL_ROWS = 64  # rows (batch x new positions) up to which decoding uses the numpy path
 
 
 class KVCache:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .dalle import SMALL_ROWS, DalleModel, DalleOutput
+from .dalle import DalleModel, DalleOutput, uses_numpy_blas
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def decoding_threads(dalle: DalleModel, rows: Optional[int]) -> Iterator[None]:
     :func:`rudalle_pipe.dalle.linear`, run torch single-threaded so that its idle OpenMP workers do
     not spin against BLAS's threads (measured: 48 ms vs 16 ms per step for a hidden-2048 model on 2
     cores). The previous thread count is restored afterwards. ``rows=None`` changes nothing."""
-    if rows is None or rows > SMALL_ROWS or dalle.device.type != "cpu" or dalle.dtype != torch.float32:
+    if rows is None or not uses_numpy_blas(dalle.device, dalle.dtype, rows):
         yield
         return
     previous = torch.get_num_threads()

@@ -32,7 +32,7 @@ from .registry import list_pretrained
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Pipeline", "load_pipeline", "save_pipeline", "list_pipelines", "BUNDLED_DIR"]
+__all__ = ["Pipeline", "load_pipeline", "save_pipeline", "list_pipelines", "resolve_pipeline", "BUNDLED_DIR"]
 
 FORMAT = "rudalle_pipe.pipeline"
 BUNDLED_DIR = Path(__file__).parent / "weights"  # pipelines shipped inside the package (e.g. "demo")
@@ -91,16 +91,27 @@ def load_pipeline(
         upscaler: load the upscaler; for Hub presets a name (``"x2"``, ``"x4"``, ``"x8"``), True
             meaning ``"x4"``.
     """
-    bundled = _bundled()
     key = str(name)
-    if key in bundled:
-        return _load_dir(bundled[key], key, device=device, dtype=dtype, clip=clip, upscaler=bool(upscaler))
-    if Path(key).is_dir() and (Path(key) / "pipeline.json").is_file():
-        return _load_dir(Path(key), key, device=device, dtype=dtype, clip=clip, upscaler=bool(upscaler))
-    if key in list_pretrained("dalle"):
+    kind, directory = resolve_pipeline(key)
+    if kind == "hub":
         return _load_hub(key, device=device, dtype=dtype, cache_dir=cache_dir, clip=clip, upscaler=upscaler)
+    return _load_dir(directory, key, device=device, dtype=dtype, clip=clip, upscaler=bool(upscaler))
+
+
+def resolve_pipeline(name: str, *, what: str = "pipeline") -> tuple[str, Optional[Path]]:
+    """Where ``name`` points, without loading anything: ``("bundled", dir)``, ``("directory", dir)``
+    or ``("hub", None)`` for a generator preset. ``ValueError`` (calling it a ``what``) listing the
+    valid names otherwise."""
+    bundled = _bundled()
+    if name in bundled:
+        return "bundled", bundled[name]
+    if (Path(name) / "pipeline.json").is_file():
+        return "directory", Path(name)
+    if name in list_pretrained("dalle"):
+        return "hub", None
+    hint = f" ({name} is a directory without pipeline.json)" if Path(name).is_dir() else ""
     raise ValueError(
-        f"unknown pipeline {key!r}. Available: {', '.join(list_pipelines())}, or a directory written "
+        f"unknown {what} {name!r}{hint}. Available: {', '.join(list_pipelines())}, or a directory written "
         f"by save_pipeline (one holding pipeline.json)"
     )
 
