@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .hub import WeightsNotFoundError
+from .hub import WeightsNotFoundError, download
 from .images import check_images
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def _schema_tokenizer(name: str, cache_dir: str | None) -> YTTMClipTokenizer | N
         config = json.loads((folder / "open_clip_config.json").read_text("utf-8"))
     elif name.startswith("hf-hub:"):
         repo_id = name[len("hf-hub:"):]
-        config = json.loads(_hub_file(repo_id, "open_clip_config.json", cache_dir).read_text("utf-8"))
+        config = json.loads(download(repo_id, "open_clip_config.json", cache_dir=cache_dir).read_text("utf-8"))
     else:
         return None
     entry = config.get(_CONFIG_KEY)
@@ -144,7 +144,7 @@ def _schema_tokenizer(name: str, cache_dir: str | None) -> YTTMClipTokenizer | N
         if not path.is_file():
             raise ValueError(f"{name!r}: the tokenizer file {path} named in open_clip_config.json does not exist")
     else:
-        path = _hub_file(name[len("hf-hub:"):], entry["tokenizer"], cache_dir)
+        path = download(name[len("hf-hub:"):], entry["tokenizer"], cache_dir=cache_dir)
     return YTTMClipTokenizer.from_file(path, context_length)
 
 
@@ -203,13 +203,6 @@ def _validate_source(name: str, pretrained: str | None) -> tuple[str, str | None
     )
 
 
-def _hub_file(repo_id: str, filename: str, cache_dir: str | None) -> Path:
-    """Local path of one Hub file (downloads unless cached or offline; raises OSError if missing)."""
-    from huggingface_hub import hf_hub_download
-
-    return Path(hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=cache_dir))
-
-
 def _fetch(name: str, kind: str, pretrained: str | None, cache_dir: str | None) -> dict[str, Any]:
     """Make sure the config and weights are on disk (in ``cache_dir``); return the model config.
 
@@ -221,7 +214,7 @@ def _fetch(name: str, kind: str, pretrained: str | None, cache_dir: str | None) 
 
     if name.startswith("hf-hub:"):
         repo_id = name[len("hf-hub:"):]
-        config = json.loads(_hub_file(repo_id, "open_clip_config.json", cache_dir).read_text("utf-8"))
+        config = json.loads(download(repo_id, "open_clip_config.json", cache_dir=cache_dir).read_text("utf-8"))
         if "model_cfg" not in config:
             raise ValueError(f"open_clip_config.json of {name!r} has no 'model_cfg' entry")
         try:  # tries open_clip_model.safetensors, then open_clip_pytorch_model.bin
@@ -253,7 +246,7 @@ def _hf_text_tower_override(model_cfg: dict[str, Any], cache_dir: str | None) ->
     hf_name = text_cfg.get("hf_model_name")
     if not hf_name or Path(hf_name).is_dir():
         return {}
-    local_dir = _hub_file(hf_name, "config.json", cache_dir).parent
+    local_dir = download(hf_name, "config.json", cache_dir=cache_dir).parent
     return {"text_cfg": {**text_cfg, "hf_model_name": str(local_dir), "hf_model_pretrained": False}}
 
 
