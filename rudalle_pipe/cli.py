@@ -4,6 +4,9 @@ Verbs:
 
 * ``rudalle-pipe generate "TEXT" [options]`` runs the whole chain (load -> generate ->
   CLIP rerank -> Real-ESRGAN upscale) and writes PNGs, a contact sheet and ``results.json``.
+* ``rudalle-pipe finetune DATA --out DIR [options]`` finetunes a generator on a folder of pictures
+  (see :mod:`rudalle_pipe.finetune`) and, for a bundled or local pipeline, writes ``DIR/pipeline`` that
+  ``generate --model DIR/pipeline`` uses.
 * ``rudalle-pipe models`` lists what can be loaded and whether it is in the Hugging Face cache.
 
 Exit status: 0 on success; 2 when the command line is wrong (argparse errors, invalid values such as
@@ -362,8 +365,90 @@ def _add_models(subparsers, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_models)
 
 
+# ----------------------------------------------------------------------------------- finetune
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """``rudalle-pipe finetune``: load the model, finetune on the folder, write OUT/final (+ OUT/pipeline)."""
+    import shutil
+
+    import torch
+
+    from .finetune import FinetuneConfig, finetune, load_pairs
+    from .pipeline import load_pipeline, resolve_pipeline
+
+    name = args.model or default_model()
+    try:
+        kind, directory = resolve_pipeline(name, what="model")
+        config = FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                                train=tuple(p.strip() for p in args.train.split(",") if p.strip()),
+                                lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                                gradient_checkpointing=args.gradient_checkpointing,
+                                mixed_precision=args.mixed_precision, optimizer=args.optimizer,
+                                checkpoint_every=args.checkpoint_every, seed=args.seed)
+    except ValueError as err:
+        raise UsageError(_one_line(err)) from err
+    out = Path(args.out)
+    if (out / "pipeline").exists():
+        raise FileExistsError(f"{out / 'pipeline'} exists: this run has finished; choose another --out")
+    pairs = load_pairs(args.data, caption=args.caption)  # data errors before any weights load
+    device = _resolve_device(args.device)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    pipe = load_pipeline(name, device=device, dtype=dtype, clip=False, upscaler=False)
+    result = finetune(pipe.dalle, pipe.vae, pipe.tokenizer, pairs, out_dir=out, config=config,
+                      progress=not args.no_progress)
+    lines = [f"finetuned {name} on {len(pairs)} pictures for {config.steps} steps: loss "
+             f"{result.loss_before:.4f} -> {result.loss_after:.4f}", f"generator: {result.path}"]
+    if directory is not None:  # a bundled or local pipeline: the same chain with the new generator
+        target = out / "pipeline"
+        shutil.copytree(directory, target, ignore=shutil.ignore_patterns("dalle"))
+        shutil.copytree(result.path, target / "dalle")
+        lines.append(f"pipeline: {target}  (rudalle-pipe generate --model {target} \"TEXT\")")
+    else:
+        lines.append(f"load it with get_rudalle_model({str(result.path)!r}) in place of {name!r}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+def _add_finetune(subparsers, common: argparse.ArgumentParser) -> None:
+    from .finetune import TRAINABLE_PARTS
+
+    p = subparsers.add_parser(
+        "finetune", parents=[common], help="teach a generator your own pictures",
+        description="Finetune the generator of --model on DATA: a folder of images with captions.csv "
+                    "(columns file,caption), a <name>.txt per image, or --caption for all. Checkpoints, "
+                    "loss_log.csv and final/ (the generator, Hugging Face layout) go to --out; rerunning "
+                    "the same command resumes. For a bundled or local pipeline, --out/pipeline is the "
+                    "same chain with the finetuned generator.",
+        epilog="Exit status: 0 ok, 1 runtime failure, 2 bad command line.")
+    p.add_argument("data", metavar="DATA", help="folder of pictures (png, jpg, webp, bmp) and captions")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory (resumes if it holds a checkpoint)")
+    p.add_argument("--model", default=None,
+                   help="a bundled pipeline, a Hub generator or a pipeline directory; default: demo if "
+                        "bundled, else Malevich")
+    p.add_argument("--caption", default=None, metavar="TEXT", help="one caption for every picture")
+    p.add_argument("--steps", type=int, default=200, metavar="N", help="optimizer steps (default: 200)")
+    p.add_argument("--lr", type=float, default=1e-4, metavar="LR", help="peak learning rate (default: 1e-4)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="pictures per step (default: 1)")
+    p.add_argument("--train", default="all", metavar="PARTS",
+                   help=f"comma-separated parts that learn, from {', '.join(TRAINABLE_PARTS)} (default: all)")
+    p.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="LoRA adapters of rank R on the attention/MLP linears of --train (default: 0, off)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, metavar="A", help="LoRA scale numerator (default: 16)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no",
+                   help="autocast precision (default: no)")
+    p.add_argument("--optimizer", choices=("adamw", "adafactor", "adamw8bit"), default="adamw",
+                   help="adamw, adafactor (low memory) or adamw8bit (bitsandbytes, GPU) (default: adamw)")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="N", help="save every N steps (default: 100)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="batch order and dropout (default: 0)")
+    p.add_argument("--device", default=None, metavar="D", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="precision of the frozen weights; half needs --mixed-precision (default: float32)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(func=cmd_finetune)
+
+
 # --------------------------------------------------------------------------------------- main
-VERBS: list[Callable[..., None]] = [_add_generate, _add_models]
+VERBS: list[Callable[..., None]] = [_add_generate, _add_finetune, _add_models]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -212,10 +212,11 @@ def load_state_dict_lazily(
 # ---------------------------------------------------------------- Hugging Face layout save / load
 def save_pretrained(
     module: nn.Module, config: Any, directory: str | os.PathLike, *, model_type: str,
-    max_shard_size: int | str = "5GB",
+    max_shard_size: int | str = "5GB", state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``config.json`` (the config dataclass plus ``model_type``) and ``model.safetensors``
     (sharded with ``model.safetensors.index.json`` above ``max_shard_size``) into ``directory``.
+    ``state_dict`` replaces ``module.state_dict()`` (e.g. with adapters merged).
 
     Raises ``FileExistsError`` rather than overwrite a model already saved there.
     """
@@ -232,7 +233,8 @@ def save_pretrained(
     dtype = next(module.parameters()).dtype
     payload = {"model_type": model_type, "dtype": str(dtype).removeprefix("torch."), **dataclasses.asdict(config)}
     (directory / "config.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    save_torch_state_dict(module.state_dict(), directory, max_shard_size=max_shard_size)
+    state = module.state_dict() if state_dict is None else {k: v.contiguous() for k, v in state_dict.items()}
+    save_torch_state_dict(state, directory, max_shard_size=max_shard_size)
     return directory
 
 

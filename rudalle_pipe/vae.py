@@ -38,7 +38,7 @@ class VQGANConfig:
     """Architecture of the Sber VQGAN; the defaults are the real 256 px model (use ``dwt=True, out_ch=12``
     for the 512 px DWT decoder). Field names follow the original ``ddconfig`` / ``GumbelVQ`` arguments."""
 
-    ch: int = 128  # base width; every level's width ch * ch_mult[i] must be a multiple of 32 (GroupNorm)
+    ch: int = 128  # base width; every level's width ch * ch_mult[i] must be a multiple of norm_groups
     ch_mult: tuple[int, ...] = (1, 1, 2, 4)  # width multiplier per resolution level; len - 1 = log2(f)
     num_res_blocks: int = 2  # ResnetBlocks per level in the encoder (decoder uses one more)
     attn_resolutions: tuple[int, ...] = (32,)  # nominal resolutions (from `resolution`) with self-attention
@@ -51,6 +51,7 @@ class VQGANConfig:
     double_z: bool = False  # must be False: the gumbel quantizer takes z_channels, not 2 * z_channels
     dropout: float = 0.0  # dropout inside ResnetBlocks (inactive in eval mode)
     dwt: bool = False  # decoder predicts Haar wavelet bands; the output image is twice as large
+    norm_groups: int = 32  # GroupNorm groups (the Sber models use 32); 0 = no normalisation layers
 
     def __post_init__(self) -> None:
         for name in ("ch_mult", "attn_resolutions"):  # accept lists (e.g. from JSON), store tuples
@@ -65,10 +66,14 @@ class VQGANConfig:
                 raise ValueError(f"VQGANConfig.{name} must be a positive int, got {value!r}")
         if not self.ch_mult:
             raise ValueError("VQGANConfig.ch_mult must have at least one level, got ()")
-        bad_widths = [self.ch * m for m in (1, *self.ch_mult) if (self.ch * m) % 32]
+        if not isinstance(self.norm_groups, int) or self.norm_groups < 0:
+            raise ValueError(f"VQGANConfig.norm_groups must be an int >= 0 (0: no normalisation), "
+                             f"got {self.norm_groups!r}")
+        groups = self.norm_groups or 1
+        bad_widths = [self.ch * m for m in (1, *self.ch_mult) if (self.ch * m) % groups]
         if bad_widths:
-            raise ValueError(f"VQGANConfig: GroupNorm(32) needs widths divisible by 32; ch={self.ch} with "
-                             f"ch_mult={self.ch_mult} gives {bad_widths}")
+            raise ValueError(f"VQGANConfig: GroupNorm needs widths divisible by {self.norm_groups} "
+                             f"(norm_groups); ch={self.ch} with ch_mult={self.ch_mult} gives {bad_widths}")
         if self.resolution % self.downsample_factor:
             raise ValueError(f"VQGANConfig.resolution={self.resolution} must be divisible by the "
                              f"downsampling factor {self.downsample_factor} (2 ** (len(ch_mult) - 1))")
@@ -94,19 +99,22 @@ class VQGANConfig:
 # ----------------------------------------------------------------------------- building blocks
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _group_norm(channels: int, groups: int) -> nn.Module:
+    """GroupNorm with ``groups`` groups, or no normalisation (identity) for ``groups == 0``."""
+    if groups == 0:
+        return nn.Identity()
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """GroupNorm -> swish -> conv3x3, twice, plus a (1x1 conv if widths differ) shortcut. (B, C_in, H, W)
     -> (B, C_out, H, W)."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int = 32):
         super().__init__()
-        self.norm1 = _group_norm(in_channels)
+        self.norm1 = _group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _group_norm(out_channels)
+        self.norm2 = _group_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -122,9 +130,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions with 1x1-conv q/k/v/proj_out, residual."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = _group_norm(channels)
+        self.norm = _group_norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -164,11 +172,11 @@ class Upsample(nn.Module):
 class MidBlock(nn.Module):
     """ResnetBlock -> AttnBlock -> ResnetBlock at the lowest resolution, width preserved."""
 
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, groups: int = 32):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -212,15 +220,15 @@ class Encoder(nn.Module):
         for i in range(levels):
             blocks, attns = [], []
             for _ in range(config.num_res_blocks):
-                blocks.append(ResnetBlock(width, ch * mult[i], config.dropout))
+                blocks.append(ResnetBlock(width, ch * mult[i], config.dropout, config.norm_groups))
                 width = ch * mult[i]
                 if res in config.attn_resolutions:
-                    attns.append(AttnBlock(width))
+                    attns.append(AttnBlock(width, config.norm_groups))
             last = i == levels - 1
             self.down.append(Level(blocks, attns, downsample=None if last else Downsample(width)))
             res = res if last else res // 2
-        self.mid = MidBlock(width, config.dropout)
-        self.norm_out = _group_norm(width)
+        self.mid = MidBlock(width, config.dropout, config.norm_groups)
+        self.norm_out = _group_norm(width, config.norm_groups)
         self.conv_out = nn.Conv2d(width, config.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,19 +248,19 @@ class Decoder(nn.Module):
         width = ch * mult[-1]
         res = config.resolution // config.downsample_factor
         self.conv_in = nn.Conv2d(config.z_channels, width, 3, padding=1)
-        self.mid = MidBlock(width, config.dropout)
+        self.mid = MidBlock(width, config.dropout, config.norm_groups)
         up = []  # built from the lowest resolution up, stored (like the original) in level order 0..L-1
         for i in reversed(range(levels)):
             blocks, attns = [], []
             for _ in range(config.num_res_blocks + 1):
-                blocks.append(ResnetBlock(width, ch * mult[i], config.dropout))
+                blocks.append(ResnetBlock(width, ch * mult[i], config.dropout, config.norm_groups))
                 width = ch * mult[i]
                 if res in config.attn_resolutions:
-                    attns.append(AttnBlock(width))
+                    attns.append(AttnBlock(width, config.norm_groups))
             up.insert(0, Level(blocks, attns, upsample=Upsample(width) if i != 0 else None))
             res = res * 2 if i != 0 else res
         self.up = nn.ModuleList(up)
-        self.norm_out = _group_norm(width)
+        self.norm_out = _group_norm(width, config.norm_groups)
         self.conv_out = nn.Conv2d(width, config.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,7 @@ def test_bpe_is_deterministic_and_checks_input(tmp_path):
 
 def _vqgan_config(steps: int = 8, **kw) -> vqgan_stage.VQGANTrainConfig:
     loop = LoopConfig(steps=steps, lr=3e-3, warmup_steps=0, checkpoint_every=2, log_every=1)
+    kw = {"ae_steps": 2, "kmeans_images": 4, "kmeans_iters": 3, **kw}
     return vqgan_stage.VQGANTrainConfig(model=TINY_VQGAN, loop=loop, batch_size=4, eval_images=4,
                                         restart_every=3, usage_decay=0.3, **kw)
 
@@ -103,8 +104,8 @@ def renders16() -> torch.Tensor:
 
 
 def test_vqgan_stage_trains_and_saves(tmp_path, renders16):
-    final = vqgan_stage.train(tmp_path, config=_vqgan_config(max_images=4), progress=False, images=renders16,
-                              eval_images=renders16[:4])
+    final = vqgan_stage.train(tmp_path, config=_vqgan_config(max_images=4, ae_steps=0), progress=False,
+                              images=renders16, eval_images=renders16[:4])
     losses = _losses(tmp_path)
     assert len(losses) == 8 and losses[-1] < losses[0]
     vae = vqgan_stage.load_trained(final)
@@ -118,6 +119,32 @@ def test_vqgan_stage_trains_and_saves(tmp_path, renders16):
     assert metrics["heldout_psnr_db"] > 5 and 1 <= metrics["heldout_codes_used"] <= 16
     assert metrics["codes_restarted"] > 0  # dead codes were moved onto encoder outputs
     assert vqgan_stage.train(tmp_path, config=_vqgan_config(), progress=False) == final  # finished: skipped
+
+
+def test_vqgan_autoencoder_phase_then_kmeans_codebook(tmp_path, renders16, monkeypatch):
+    calls = []
+    original = vqgan_stage.VQGANTrainer._kmeans_init
+
+    def spy(self, images, seed, iters):
+        calls.append(len(images))
+        before = self.vae.quantize.embed.weight.clone()
+        original(self, images, seed, iters)
+        after = self.vae.quantize.embed.weight
+        assert not torch.equal(before, after)
+        assert torch.allclose(after.norm(dim=1), torch.ones(16), atol=1e-5)  # unit centroids
+        # every centroid is the nearest code of some encoder output: k-means leaves no code unused
+        with torch.no_grad():
+            h = torch.nn.functional.normalize(
+                self.vae.quant_conv(self.vae.encoder(images.float() / 127.5 - 1)), dim=1)
+        codes = torch.einsum("bdyx,kd->bkyx", h, after).argmax(1)
+        assert codes.unique().numel() == 16
+
+    monkeypatch.setattr(vqgan_stage.VQGANTrainer, "_kmeans_init", spy)
+    config = _vqgan_config(steps=6, ae_steps=3, kmeans_images=8)
+    vqgan_stage.train(tmp_path, config=config, progress=False, images=renders16, eval_images=renders16[:2])
+    assert calls == [8]  # once, at the switch from autoencoder to VQ
+    with pytest.raises(ValueError, match=r"ae_steps must be in \[0, loop.steps=6\), got 6"):
+        _vqgan_config(steps=6, ae_steps=6)
 
 
 def test_vqgan_resume_gives_the_same_weights(tmp_path, renders16, monkeypatch):

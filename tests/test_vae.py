@@ -235,6 +235,17 @@ def test_default_config_is_the_real_model():
         config.ch = 64  # frozen
 
 
+def test_norm_groups_sets_every_group_norm():
+    small = dict(ch=48, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=16, embed_dim=16,
+                 n_embed=8, resolution=16)
+    norms = [m for m in VQGAN(VQGANConfig(**small, norm_groups=16)).modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(m.num_groups == 16 for m in norms)
+    plain = VQGAN(VQGANConfig(**small, norm_groups=0))  # no normalisation layers at all
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in plain.modules())
+    assert plain.decode(torch.zeros(1, 64, dtype=torch.long)).shape == (1, 3, 16, 16)
+    assert len(plain.state_dict()) < len(VQGAN(VQGANConfig(**small, norm_groups=16)).state_dict())
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"ch": 0}, "ch must be a positive int, got 0"),
     ({"ch": 48}, r"divisible by 32.*\[48"),
@@ -248,6 +259,8 @@ def test_default_config_is_the_real_model():
     ({"double_z": True}, "double_z=True is not supported"),
     ({"dropout": 1.5}, r"dropout must be in \[0, 1\)"),
     ({"dwt": True}, "dwt=True needs out_ch=12"),
+    ({"norm_groups": -1}, r"norm_groups must be an int >= 0 \(0: no normalisation\), got -1"),
+    ({"ch": 48, "norm_groups": 32}, r"divisible by 32 \(norm_groups\).*\[48"),
 ])
 def test_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):

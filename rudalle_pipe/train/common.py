@@ -30,8 +30,25 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoopConfig", "run_training", "cosine_with_warmup", "all_scenes", "all_captions", "render_scenes",
+__all__ = ["LoopConfig", "OPTIMIZERS", "make_optimizer", "run_training", "cosine_with_warmup", "all_scenes", "all_captions", "render_scenes",
            "batch_indices", "is_main_process"]
+
+
+OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")
+
+
+def make_optimizer(params: list[nn.Parameter], config: "LoopConfig") -> torch.optim.Optimizer:
+    """The optimizer named by ``config.optimizer`` over ``params``."""
+    if config.optimizer == "adafactor":
+        return torch.optim.Adafactor(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ImportError("optimizer='adamw8bit' needs bitsandbytes (pip install bitsandbytes, CUDA only); "
+                              "use 'adafactor' for a low-memory optimizer without it") from err
+        return bnb.optim.AdamW8bit(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,8 @@ class LoopConfig:
     log_every: int = 10  # loss-log rows every this many steps
     mixed_precision: str = "no"  # "no", "fp16" or "bf16" (accelerate's autocast)
     seed: int = 0  # seeds torch before the model's first step
+    optimizer: str = "adamw"  # one of OPTIMIZERS: "adamw", "adafactor" (factored second moments, low
+    # memory; torch.optim.Adafactor) or "adamw8bit" (8-bit states; needs bitsandbytes and a GPU)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -57,6 +76,10 @@ class LoopConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
 
 
 def cosine_with_warmup(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
@@ -78,6 +101,7 @@ def run_training(
     parameters: list[nn.Parameter] | None = None,
     progress: bool = True,
     accelerator: Any = None,
+    on_checkpoint: Callable[[nn.Module, int], None] | None = None,
 ) -> tuple[nn.Module, list[float]]:
     """Train ``model`` to ``config.steps`` steps, resuming from ``out_dir/checkpoint`` if present.
 
@@ -88,6 +112,8 @@ def run_training(
             caller through ``accelerator.device``; pass CPU tensors).
         parameters: the parameters to optimise (default: all that require grad).
         accelerator: an ``accelerate.Accelerator`` to reuse (one is created otherwise).
+        on_checkpoint: called on the main process as ``on_checkpoint(unwrapped_model, step)`` after
+            every checkpoint (e.g. to also write the model in the Hugging Face layout).
 
     Returns:
         The unwrapped model and the losses of the steps run in this call.
@@ -100,7 +126,7 @@ def run_training(
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(config.seed)
     params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(
         s, total=config.steps, warmup=config.warmup_steps, min_ratio=config.min_lr_ratio))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -153,6 +179,8 @@ def run_training(
                 accelerator.save_state(str(checkpoint))
                 if accelerator.is_main_process:
                     state_file.write_text(json.dumps({"step": done, "config": asdict(config)}, indent=2))
+                    if on_checkpoint is not None:
+                        on_checkpoint(accelerator.unwrap_model(model), done)
     bar.close()
     model.eval()
     return accelerator.unwrap_model(model), losses

@@ -36,7 +36,7 @@ class DalleTrainConfig:
     num_attention_heads: int = 6  # heads (head width 32)
     text_seq_length: int = 20  # text positions: BOS + caption tokens + EOS, right-padded
     dropout: float = 0.1  # dropout everywhere (training only)
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=600, lr=1e-3, weight_decay=0.01,
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1200, lr=1e-3, weight_decay=0.01,
                                                                 warmup_steps=50, checkpoint_every=100))
     batch_size: int = 32  # (caption, image) pairs per step
     max_scenes: int | None = None  # use only the first N training scenes (tests); None = all

@@ -12,7 +12,13 @@ codebook in use, and then write the equivalent ``proj``:
 
 Because ``argmax_k <e_k, h> = argmax_k <e_k, quant_conv(...)>`` (the norm of h is the same for every
 k), ``proj.weight = embed.weight`` (as 1x1 conv) with zero bias reproduces the training-time codes
-exactly, with the argmax the inference code already does. Codes unused for a while (an exponential
+exactly, with the argmax the inference code already does.
+
+The first ``ae_steps`` steps train a plain autoencoder on ``h`` (no quantisation), which learns far
+faster than a VQ model from scratch; the codebook is then initialised by spherical k-means on the
+encoder outputs of ``kmeans_images`` training renders, so every code starts in use. The 1x1
+``quant_conv`` and ``post_quant_conv`` start as identities (a chain of freshly initialised linear
+layers around the bottleneck slows the first steps down). Codes unused for a while (an exponential
 moving average of assignments, a buffer saved with the checkpoints) are restarted on random encoder
 outputs of the current batch; that randomness comes from a generator seeded by the step, so a
 resumed run is identical to an uninterrupted one.
@@ -37,8 +43,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["VQGANTrainConfig", "VQGANTrainer", "train", "load_trained", "reconstruction_psnr", "sync_proj"]
 
+# f=8: 64 px -> 8 x 8 codes. No GroupNorm: with 32 channels, GroupNorm(32) normalises every channel
+# per image, which loses the absolute colour of flat regions, and the model then learns far slower.
 DEMO_VQGAN = VQGANConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=32,
-                         embed_dim=32, n_embed=512, resolution=64)  # f=8: 64 px -> 8 x 8 codes
+                         embed_dim=32, n_embed=512, resolution=64, norm_groups=0)
 
 
 @dataclass(frozen=True)
@@ -46,9 +54,12 @@ class VQGANTrainConfig:
     """Everything stage 2 needs: architecture, optimisation, quantizer settings, data sizes."""
 
     model: VQGANConfig = DEMO_VQGAN  # the VQGAN to train
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=1000, lr=2e-3, warmup_steps=50,
-                                                                checkpoint_every=100))  # optimisation
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=3000, lr=8e-4, warmup_steps=50,
+                                                                checkpoint_every=250))  # optimisation
     batch_size: int = 12  # images per step
+    ae_steps: int = 1000  # leading steps trained without quantisation (then k-means initialises the codebook)
+    kmeans_images: int = 384  # training renders whose encoder outputs seed the k-means
+    kmeans_iters: int = 15  # spherical k-means iterations
     beta: float = 0.25  # commitment weight (pulls encoder outputs to their codes)
     restart_every: int = 20  # steps between dead-code restarts
     restart_until: float = 0.8  # fraction of the steps after which codes are no longer restarted
@@ -62,6 +73,8 @@ class VQGANTrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.restart_every < 1:
             raise ValueError(f"restart_every must be >= 1, got {self.restart_every}")
+        if not 0 <= self.ae_steps < self.loop.steps:
+            raise ValueError(f"ae_steps must be in [0, loop.steps={self.loop.steps}), got {self.ae_steps}")
 
 
 class VQGANTrainer(nn.Module):
@@ -76,14 +89,29 @@ class VQGANTrainer(nn.Module):
         self.vae = vae
         self.beta, self.usage_decay = beta, usage_decay
         vae.quantize.proj.requires_grad_(False)  # derived from the codebook by sync_proj
+        with torch.no_grad():  # square 1x1 convs around the bottleneck start as identities
+            for conv in (vae.quant_conv, vae.post_quant_conv):
+                if conv.weight.shape[0] == conv.weight.shape[1]:
+                    conv.weight.copy_(torch.eye(conv.weight.shape[0])[:, :, None, None])
+                    conv.bias.zero_()
         self.register_buffer("usage", torch.ones(vae.config.n_embed))
         self.register_buffer("restarted", torch.zeros((), dtype=torch.long))  # codes restarted so far
 
-    def forward(self, images: torch.Tensor, restart: bool, seed: int) -> torch.Tensor:
-        """images: uint8 (B, 3, H, W) RGB. Returns the scalar training loss."""
+    def forward(self, images: torch.Tensor, restart: bool, seed: int, quantize: bool = True,
+                kmeans_images: torch.Tensor | None = None, kmeans_iters: int = 15) -> torch.Tensor:
+        """images: uint8 (B, 3, H, W) RGB. Returns the scalar training loss.
+
+        ``quantize=False``: plain autoencoder step. ``kmeans_images`` (uint8 (N, 3, H, W)): first
+        initialise the codebook by spherical k-means on their encoder outputs."""
         vae = self.vae
         device = vae.quant_conv.weight.device
         x = images.to(device).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+        if kmeans_images is not None:
+            self._kmeans_init(kmeans_images.to(device), seed, kmeans_iters)
+        if not quantize:
+            h = F.normalize(vae.quant_conv(vae.encoder(x)), dim=1)  # (B, D, h, w), unit vectors
+            x_hat = vae.decoder(vae.post_quant_conv(h))
+            return (x_hat - x).abs().mean() + (x_hat - x).pow(2).mean()
         if restart:  # before the codebook enters the autograd graph of this step
             with torch.no_grad():
                 h0 = F.normalize(vae.quant_conv(vae.encoder(x)), dim=1)  # (B, D, h, w)
@@ -101,6 +129,30 @@ class VQGANTrainer(nn.Module):
             counts = torch.bincount(codes, minlength=codebook.shape[0]).float()  # (K,)
             self.usage.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
         return rec + vq_loss
+
+    @torch.no_grad()
+    def _kmeans_init(self, images: torch.Tensor, seed: int, iters: int) -> None:
+        """Spherical k-means of the encoder outputs of ``images`` into the codebook (K unit rows)."""
+        vae = self.vae
+        feats = [F.normalize(vae.quant_conv(vae.encoder(chunk.float() / 127.5 - 1.0)), dim=1)
+                 for chunk in images.split(64)]
+        flat = torch.cat([rearrange(f, "b d y x -> (b y x) d") for f in feats])  # (N, D)
+        k = vae.config.n_embed
+        gen = torch.Generator().manual_seed(seed)
+        centres = flat[torch.randperm(len(flat), generator=gen)[:k].to(flat.device)].clone()  # (k, D)
+        if len(centres) < k:  # fewer vectors than codes: pad with random directions
+            extra = torch.randn(k - len(centres), flat.shape[1], generator=gen).to(flat.device)
+            centres = torch.cat([centres, F.normalize(extra, dim=1)])
+        for _ in range(iters):
+            assign = (flat @ centres.T).argmax(dim=1)  # (N,)
+            sums = torch.zeros_like(centres).index_add_(0, assign, flat)
+            counts = torch.bincount(assign, minlength=k)
+            empty = counts == 0  # re-seed empty clusters on random vectors
+            pick = torch.randint(len(flat), (int(empty.sum()),), generator=gen).to(flat.device)
+            sums[empty] = flat[pick]
+            centres = F.normalize(sums, dim=1)
+        vae.quantize.embed.weight.copy_(centres.to(vae.quantize.embed.weight.dtype))
+        self.usage.fill_(1.0)
 
     @torch.no_grad()
     def _restart_dead(self, flat: torch.Tensor, seed: int) -> None:
@@ -168,7 +220,12 @@ def train(out_dir: str | Path, *, config: VQGANTrainConfig = VQGANTrainConfig(),
     def get_batch(step: int) -> dict:
         idx = batch_indices(step, len(images), config.batch_size, config.seed)
         restart = (step + 1) % config.restart_every == 0 and step < config.restart_until * config.loop.steps
-        return {"images": images[idx], "restart": restart, "seed": config.seed * 1_000_003 + step}
+        batch = {"images": images[idx], "restart": restart and step >= config.ae_steps,
+                 "seed": config.seed * 1_000_003 + step, "quantize": step >= config.ae_steps}
+        if step == config.ae_steps and config.ae_steps > 0:  # switch to VQ: k-means the codebook first
+            pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
+            batch.update(kmeans_images=images[pick[: config.kmeans_images]], kmeans_iters=config.kmeans_iters)
+        return batch
 
     trainer, losses = run_training("vqgan", trainer, lambda m, b: m(**b), get_batch, config.loop, out_dir,
                                    progress=progress)

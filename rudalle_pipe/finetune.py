@@ -1,0 +1,476 @@
+"""Finetune a ruDALL-E generator on your own pictures (a style, a subject, emoji, ...).
+
+    from rudalle_pipe import get_rudalle_model, get_tokenizer, get_vae
+    from rudalle_pipe.finetune import finetune
+
+    dalle, vae, tokenizer = get_rudalle_model("Malevich"), get_vae(), get_tokenizer()
+    result = finetune(dalle, vae, tokenizer, "my_pictures/", out_dir="runs/cats", steps=500, lr=1e-4,
+                      batch_size=1, lora_rank=8, gradient_checkpointing=True, mixed_precision="fp16")
+    model = get_rudalle_model("runs/cats/final")      # the finetuned generator, like any other
+
+What it does:
+
+* **Data** (:func:`load_pairs`): a folder of images with captions - a ``captions.csv`` with columns
+  ``file,caption``, or a ``<name>.txt`` next to every image, or one ``caption=`` for all - or a list of
+  ``(image, caption)`` pairs (PIL images or paths). Images are resized (shorter side) and centre-cropped
+  to the generator's resolution, encoded by the VQGAN **once**, and the codes are cached in
+  ``out_dir/codes.pt`` (keyed by the pixels and the VQGAN, so a rerun does not encode again).
+* **What trains** (``train``): ``"all"``, or any of ``"attention"``, ``"mlp"``, ``"layernorm"``,
+  ``"embeddings"``, ``"head"``; everything else is frozen. With ``lora_rank > 0`` the linear layers of
+  the chosen attention/MLP parts get LoRA adapters instead (``W + (alpha / r) B A``, ``B`` starting at
+  zero), written as ``torch.nn.utils.parametrize`` parametrisations of their weights, so the model code
+  runs unchanged; the final model has the adapters merged in.
+* **Loop**: :func:`rudalle_pipe.train.common.run_training` on Hugging Face accelerate (one CPU, one
+  GPU, or ``accelerate launch`` over several), with AdamW / Adafactor / 8-bit AdamW, gradient clipping, a
+  linear warm-up and cosine decay, mixed precision, gradient checkpointing, a tqdm bar and a CSV loss
+  log (``out_dir/loss_log.csv``). The loss is the original's ``(L_text + 7 L_image) / 8``.
+* **Checkpoints**: the full training state every ``checkpoint_every`` steps in ``out_dir/checkpoint``
+  (a rerun with the same ``out_dir`` resumes from it), the model itself in the Hugging Face layout in
+  ``out_dir/step-<N>`` (the last ``keep_checkpoints`` kept), and the final model in ``out_dir/final``.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .dalle import DalleModel
+from .tokenizer import YTTMTokenizer, prepare_text
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "TRAINABLE_PARTS", "IMAGE_SUFFIXES", "finetune", "load_pairs",
+           "prepare_image", "encode_pairs", "select_trainable", "add_lora", "merge_lora", "dataset_loss"]
+
+TRAINABLE_PARTS = ("all", "attention", "mlp", "layernorm", "embeddings", "head")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_LORA_TARGETS = {"attention": ("query_key_value", "dense"), "mlp": ("dense_h_to_4h", "dense_4h_to_h")}
+CAPTIONS_FILE = "captions.csv"
+
+ImageLike = Union[Image.Image, str, Path]
+Data = Union[str, Path, Sequence[tuple[ImageLike, str]]]
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Every finetuning option; :func:`finetune` takes these as keyword arguments."""
+
+    steps: int = 200  # optimizer steps in total (a resumed run continues up to this)
+    lr: float = 1e-4  # peak learning rate (1e-5..4e-5 for full finetuning of the large models)
+    batch_size: int = 1  # (image, caption) pairs per step
+    train: tuple[str, ...] = ("all",)  # parts that learn; see TRAINABLE_PARTS
+    lora_rank: int = 0  # > 0: LoRA adapters of this rank on the attention/MLP linears of ``train``
+    lora_alpha: float = 16.0  # LoRA scale numerator: delta W = (lora_alpha / lora_rank) B A
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16" (accelerate autocast)
+    optimizer: str = "adamw"  # "adamw", "adafactor" (low memory) or "adamw8bit" (bitsandbytes, GPU)
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: Optional[float] = 1.0  # max gradient norm; None disables clipping
+    warmup_steps: Optional[int] = None  # linear warm-up; None = 10% of the steps
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    checkpoint_every: int = 100  # save the training state and a step-<N> model this often
+    keep_checkpoints: int = 2  # step-<N> model directories kept (older ones are deleted); 0 = none
+    log_every: int = 10  # rows of loss_log.csv
+    seed: int = 0  # batch order, dropout
+
+    def __post_init__(self) -> None:
+        train = (self.train,) if isinstance(self.train, str) else tuple(self.train)
+        object.__setattr__(self, "train", train)
+        bad = [p for p in train if p not in TRAINABLE_PARTS]
+        if bad or not train:
+            raise ValueError(f"train must name parts from {list(TRAINABLE_PARTS)}, got {list(train)!r}")
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be an int >= 0 (0 = no LoRA), got {self.lora_rank!r}")
+        if self.lora_rank and not {"all", "attention", "mlp"} & set(train):
+            raise ValueError(f"lora_rank={self.lora_rank} adapts attention/MLP linears, but train={list(train)} "
+                             "names neither; add 'attention' and/or 'mlp' (or 'all')")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"keep_checkpoints must be >= 0, got {self.keep_checkpoints!r}")
+        self.loop_config()  # validates mixed_precision, optimizer, warmup_steps
+
+    def loop_config(self):
+        """The :class:`rudalle_pipe.train.common.LoopConfig` of these settings."""
+        from .train.common import LoopConfig
+
+        warmup = self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
+        return LoopConfig(steps=self.steps, lr=self.lr, weight_decay=self.weight_decay, warmup_steps=warmup,
+                          min_lr_ratio=self.min_lr_ratio, grad_clip=self.grad_clip,
+                          checkpoint_every=self.checkpoint_every, log_every=self.log_every,
+                          mixed_precision=self.mixed_precision, seed=self.seed, optimizer=self.optimizer)
+
+
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` returns."""
+
+    model: DalleModel  # the finetuned generator (LoRA merged), eval mode
+    path: Path  # out_dir/final: loads with get_rudalle_model(str(path))
+    losses: list[float]  # training loss of every step run in this call
+    loss_before: float  # mean loss over the training pairs before finetuning (eval mode)
+    loss_after: float  # the same after finetuning
+    trainable_parameters: int  # parameters that received gradients (LoRA factors with lora_rank > 0)
+
+
+# ----------------------------------------------------------------------------------------- data
+def load_pairs(data: Data, *, caption: Optional[str] = None) -> list[tuple[ImageLike, str]]:
+    """The ``(image, caption)`` pairs of ``data``.
+
+    Args:
+        data: a folder, or a sequence of ``(PIL image or path, caption)``. In a folder the images
+            (``IMAGE_SUFFIXES``, sorted by name) take their captions from, in order of preference:
+            ``caption``; ``captions.csv`` (columns ``file`` and ``caption``, ``file`` relative to the
+            folder); a ``<image stem>.txt`` beside each image.
+        caption: one caption for every image (overrides the files).
+    """
+    if isinstance(data, (str, Path)):
+        folder = Path(data)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data folder {folder} does not exist")
+        return _folder_pairs(folder, caption)
+    if not isinstance(data, Iterable):
+        raise TypeError(f"data must be a folder or a sequence of (image, caption) pairs, got {type(data).__name__}")
+    pairs = []
+    for i, item in enumerate(data):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ValueError(f"data[{i}] must be an (image, caption) pair, got {item!r:.80}")
+        image, text = item
+        if not isinstance(image, (Image.Image, str, Path)):
+            raise TypeError(f"data[{i}][0] must be a PIL image or a path, got {type(image).__name__}")
+        text = caption if caption is not None else text
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"data[{i}] has an empty or non-text caption: {text!r}")
+        pairs.append((image, text))
+    if not pairs:
+        raise ValueError("data holds no (image, caption) pairs")
+    return pairs
+
+
+def _folder_pairs(folder: Path, caption: Optional[str]) -> list[tuple[ImageLike, str]]:
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    if caption is not None:
+        if not caption.strip():
+            raise ValueError("caption is empty")
+        return [(p, caption) for p in images]
+    table = folder / CAPTIONS_FILE
+    if table.is_file():
+        with open(table, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        missing = {"file", "caption"} - set(rows[0] if rows else {})
+        if missing:
+            raise ValueError(f"{table} needs the columns 'file' and 'caption'; missing {sorted(missing)}")
+        pairs = []
+        for n, row in enumerate(rows, start=2):
+            path = folder / row["file"]
+            if not path.is_file():
+                raise FileNotFoundError(f"{table} line {n}: {path} does not exist")
+            if not (row["caption"] or "").strip():
+                raise ValueError(f"{table} line {n}: empty caption for {row['file']}")
+            pairs.append((path, row["caption"]))
+        if not pairs:
+            raise ValueError(f"{table} has no rows")
+        return pairs
+    missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
+    if missing:
+        raise ValueError(f"no captions for {len(missing)} image(s) in {folder} (e.g. {missing[:3]}): add "
+                         f"{CAPTIONS_FILE} (columns file,caption), a <name>.txt per image, or pass caption=")
+    return [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+
+
+def prepare_image(image: ImageLike, size: int) -> Image.Image:
+    """RGB ``size x size``: the shorter side resized to ``size`` (bicubic), then centre-cropped."""
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as opened:
+            image = opened.convert("RGB")
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+@torch.no_grad()
+def encode_pairs(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, pairs: Sequence[tuple[ImageLike, str]],
+                 *, cache: Optional[Path] = None, batch_size: int = 8) -> torch.Tensor:
+    """Token sequences ``[N, text_seq_length + image_seq_length]`` int64 for the pairs: BOS, BPE ids,
+    EOS and padding, then the VQGAN codes of the prepared image.
+
+    The codes are cached in ``cache`` (a ``.pt`` file) keyed by a hash of the prepared pixels and of
+    the VQGAN's codebook, and reused when the key matches."""
+    cfg = dalle.config
+    size = cfg.image_tokens_per_dim * vae.downsample_factor
+    images = [prepare_image(image, size) for image, _ in pairs]
+    digest = hashlib.sha256()
+    digest.update(vae.quantize.embed.weight.detach().float().cpu().numpy().tobytes())
+    for image in images:
+        digest.update(image.tobytes())
+    key = digest.hexdigest()
+    codes = None
+    if cache is not None and cache.is_file():
+        stored = torch.load(cache, weights_only=True)
+        if stored.get("key") == key:
+            codes = stored["codes"]
+            logger.info("finetune: reusing the cached codes of %d images (%s)", len(images), cache)
+    if codes is None:
+        device = next(vae.parameters()).device
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1)
+                                 for im in images[start:start + batch_size]])  # (b, 3, size, size) uint8
+            x = batch.to(device=device, dtype=torch.float32) / 255.0  # (b, 3, size, size) in [0, 1]
+            chunks.append(vae.get_codebook_indices(x).cpu())
+        codes = torch.cat(chunks)  # (N, image_seq_length)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"key": key, "codes": codes}, cache)
+    text = torch.stack([tokenizer.encode_text(prepare_text(c), cfg.text_seq_length) for _, c in pairs])
+    return torch.cat([text.long(), codes.long()], dim=1)
+
+
+# -------------------------------------------------------------------------- what trains, LoRA
+def _part_of(name: str) -> str:
+    """Which TRAINABLE_PARTS entry a parameter of DalleModel belongs to."""
+    if "layernorm" in name:
+        return "layernorm"
+    if ".attention." in name:
+        return "attention"
+    if ".mlp." in name:
+        return "mlp"
+    if name.startswith("to_logits"):
+        return "head"
+    return "embeddings"
+
+
+class _LoRA(nn.Module):
+    """Parametrisation ``W -> W + scale * B @ A`` of a Linear weight (out, in); A (r, in), B (out, r)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, generator: torch.Generator) -> None:
+        super().__init__()
+        out_features, in_features = weight.shape
+        a = torch.empty(rank, in_features)
+        bound = 1.0 / math.sqrt(in_features)
+        a.uniform_(-bound, bound, generator=generator)
+        self.lora_a = nn.Parameter(a.to(weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, device=weight.device))
+        self.scale = alpha / rank
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.lora_b @ self.lora_a * self.scale).to(weight.dtype)
+
+
+def add_lora(dalle: DalleModel, parts: Iterable[str], rank: int, alpha: float, seed: int = 0) -> list[nn.Parameter]:
+    """Freeze the model and add LoRA to the linears of ``parts`` (``"attention"``, ``"mlp"``, ``"all"``).
+    Returns the new (fp32) LoRA parameters."""
+    parts = set(parts)
+    names = [n for part, ns in _LORA_TARGETS.items() if part in parts or "all" in parts for n in ns]
+    dalle.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    params = []
+    for layer in dalle.transformer.layers:
+        for module in (layer.attention, layer.mlp):
+            for name in names:
+                linear = getattr(module, name, None)
+                if isinstance(linear, nn.Linear) and not parametrize.is_parametrized(linear, "weight"):
+                    lora = _LoRA(linear.weight, rank, alpha, generator)
+                    parametrize.register_parametrization(linear, "weight", lora)
+                    params += [lora.lora_a, lora.lora_b]
+    return params
+
+
+def merge_lora(dalle: DalleModel) -> DalleModel:
+    """Bake every LoRA parametrisation into its weight (in place): a plain :class:`DalleModel` again."""
+    for module in dalle.modules():
+        if isinstance(module, nn.Linear) and parametrize.is_parametrized(module, "weight"):
+            dtype = module.parametrizations.weight.original.dtype
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            module.weight.data = module.weight.data.to(dtype)
+    return dalle
+
+
+def select_trainable(dalle: DalleModel, config: FinetuneConfig) -> list[nn.Parameter]:
+    """Set ``requires_grad`` per ``config.train`` / LoRA and return the parameters to optimise."""
+    if config.lora_rank:
+        params = add_lora(dalle, config.train, config.lora_rank, config.lora_alpha, config.seed)
+        others = set(config.train) - {"attention", "mlp", "all"}  # e.g. also train the layernorms fully
+        for name, p in dalle.named_parameters():
+            if "parametrizations" not in name and _part_of(name) in others:
+                p.requires_grad_(True)
+                params.append(p)
+        return params
+    params = []
+    for name, p in dalle.named_parameters():
+        on = "all" in config.train or _part_of(name) in config.train
+        p.requires_grad_(on)
+        if on:
+            params.append(p)
+    return params
+
+
+def _state_for_saving(dalle: DalleModel) -> dict[str, torch.Tensor]:
+    """State dict with LoRA merged (original key names), without changing the model."""
+    state = {}
+    for name, module in dalle.named_modules():
+        for key, tensor in module.named_parameters(recurse=False):
+            state[f"{name}.{key}" if name else key] = tensor.detach()
+        for key, tensor in module.named_buffers(recurse=False):
+            if key in module._non_persistent_buffers_set:
+                continue
+            state[f"{name}.{key}" if name else key] = tensor.detach()
+        if isinstance(module, nn.Linear) and parametrize.is_parametrized(module, "weight"):
+            original = module.parametrizations.weight.original
+            state[f"{name}.weight"] = module.weight.detach().to(original.dtype)
+    return {k: v for k, v in state.items() if ".parametrizations." not in f".{k}"}
+
+
+def _save_model(dalle: DalleModel, directory: Path) -> None:
+    """Write ``directory`` in the Hugging Face layout (config.json + model.safetensors), LoRA merged."""
+    from .hub import save_pretrained
+
+    save_pretrained(dalle, dalle.config, directory, model_type="rudalle", state_dict=_state_for_saving(dalle))
+
+
+@torch.no_grad()
+def dataset_loss(dalle: DalleModel, ids: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean original loss of ``dalle`` (eval mode) over token sequences ``ids [N, L]``."""
+    was_training = dalle.training
+    dalle.eval()
+    device = next(dalle.parameters()).device
+    total = 0.0
+    for chunk in ids.split(batch_size):
+        total += float(dalle(chunk.to(device), return_loss=True).loss) * len(chunk)
+    dalle.train(was_training)
+    return total / len(ids)
+
+
+# ------------------------------------------------------------------------------------- finetune
+def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, *, out_dir: Union[str, Path],
+             caption: Optional[str] = None, progress: bool = True, config: Optional[FinetuneConfig] = None,
+             **options: Any) -> FinetuneResult:
+    """Finetune ``dalle`` on ``data`` and save the result to ``out_dir/final``.
+
+    Args:
+        dalle: the generator to finetune (changed in place; trainable parts are kept in fp32). A model
+            loaded in fp16/bf16 needs ``mixed_precision`` "fp16"/"bf16" (its frozen weights stay half).
+        vae: the VQGAN that encodes the images (``get_vae()`` for the Sber models).
+        tokenizer: the generator's BPE tokenizer.
+        data: a folder or ``(image, caption)`` pairs; see :func:`load_pairs`.
+        out_dir: where checkpoints, ``loss_log.csv``, ``codes.pt``, ``finetune.json`` and ``final/``
+            go. A rerun with the same ``out_dir`` and settings resumes from the last checkpoint.
+        caption: one caption for every image.
+        config / options: a :class:`FinetuneConfig`, or its fields as keyword arguments (``steps``,
+            ``lr``, ``batch_size``, ``train``, ``lora_rank``, ``gradient_checkpointing``, ...).
+    Returns:
+        A :class:`FinetuneResult`; ``get_rudalle_model(str(result.path))`` loads the model again.
+    """
+    from .train.common import run_training
+
+    if config is not None and options:
+        raise TypeError(f"pass either config= or keyword options, not both (got {sorted(options)})")
+    if config is None:
+        known = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown finetune options {unknown}; valid: {sorted(known)}")
+        config = FinetuneConfig(**options)
+    if not isinstance(dalle, DalleModel):
+        raise TypeError(f"dalle must be a DalleModel, got {type(dalle).__name__}")
+    out_dir = Path(out_dir)
+    final = out_dir / "final"
+    if final.exists():
+        raise FileExistsError(f"{final} exists: this run has finished. Load it with get_rudalle_model("
+                              f"{str(final)!r}) or choose another out_dir")
+    half = [n for n, p in dalle.named_parameters() if p.dtype in (torch.float16, torch.bfloat16)]
+    if half and config.mixed_precision == "no":
+        dtype = dict(dalle.named_parameters())[half[0]].dtype
+        raise ValueError(f"the generator holds {dtype} weights ({half[0]}, ...) and mixed_precision='no': pass "
+                         "mixed_precision='fp16' or 'bf16', or load it in float32")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_settings(out_dir, config)
+
+    pairs = load_pairs(data, caption=caption)
+    ids = encode_pairs(dalle, vae, tokenizer, pairs, cache=out_dir / "codes.pt")  # (N, L) int64
+    logger.info("finetune: %d pairs, %d steps of batch %d", len(ids), config.steps, config.batch_size)
+    loss_before = dataset_loss(dalle, ids)
+
+    params = select_trainable(dalle, config)
+    for p in params:  # optimizer states and updates in fp32
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    n_trainable = sum(p.numel() for p in params)
+    if not n_trainable:
+        raise ValueError(f"train={list(config.train)} selects no parameters")
+    logger.info("finetune: %.2fM of %.2fM parameters train", n_trainable / 1e6,
+                sum(p.numel() for p in dalle.parameters()) / 1e6)
+    dalle.gradient_checkpointing = config.gradient_checkpointing
+
+    from .train.common import batch_indices
+
+    def get_batch(step: int) -> torch.Tensor:
+        return ids[batch_indices(step, len(ids), config.batch_size, config.seed)]
+
+    def loss_fn(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model(batch.to(next(model.parameters()).device), return_loss=True).loss
+
+    def on_checkpoint(model: DalleModel, step: int) -> None:
+        if config.keep_checkpoints:
+            target = out_dir / f"step-{step}"
+            if target.exists():  # re-saved after a resume at the same step
+                shutil.rmtree(target)
+            _save_model(model, target)
+            saved = sorted(out_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+            for old in saved[:-config.keep_checkpoints]:
+                shutil.rmtree(old)
+
+    model, losses = run_training("finetune", dalle, loss_fn, get_batch, config.loop_config(), out_dir,
+                                 parameters=params, progress=progress, on_checkpoint=on_checkpoint)
+    model.gradient_checkpointing = False
+    merge_lora(model)
+    model.requires_grad_(False)
+    model.eval()
+    loss_after = dataset_loss(model, ids)
+    from .train.common import is_main_process
+
+    if is_main_process():
+        _save_model(model, final)
+        summary = {"pairs": len(ids), "steps": config.steps, "loss_before": loss_before, "loss_after": loss_after,
+                   "trainable_parameters": n_trainable}
+        (out_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info("finetune: loss %.4f -> %.4f; model saved to %s", loss_before, loss_after, final)
+    return FinetuneResult(model=model, path=final, losses=losses, loss_before=loss_before, loss_after=loss_after,
+                          trainable_parameters=n_trainable)
+
+
+def _check_settings(out_dir: Path, config: FinetuneConfig) -> None:
+    """Record the settings in ``out_dir/finetune.json``; a rerun (resume) must use the same ones."""
+    path = out_dir / "finetune.json"
+    settings = json.loads(json.dumps(dataclasses.asdict(config)))
+    if path.is_file() and (out_dir / "checkpoint").exists():
+        before = json.loads(path.read_text())
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v
+                   and k not in ("checkpoint_every", "keep_checkpoints", "log_every", "steps")}
+        if changed:
+            raise ValueError(f"{out_dir} holds a run with other settings {changed} (before, now); resume it with "
+                             "the same settings or choose another out_dir")
+    path.write_text(json.dumps(settings, indent=2) + "\n")
