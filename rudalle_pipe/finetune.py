@@ -53,7 +53,7 @@ from .tokenizer import YTTMTokenizer, prepare_text
 logger = logging.getLogger(__name__)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "TRAINABLE_PARTS", "IMAGE_SUFFIXES", "finetune", "load_pairs",
-           "prepare_image", "encode_pairs", "select_trainable", "add_lora", "merge_lora", "dataset_loss"]
+           "prepare_image", "encode_pairs", "select_trainable", "add_lora", "merge_lora", "dataset_loss", "estimate_memory"]
 
 TRAINABLE_PARTS = ("all", "attention", "mlp", "layernorm", "embeddings", "head")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -362,6 +362,51 @@ def dataset_loss(dalle: DalleModel, ids: torch.Tensor, batch_size: int = 8) -> f
         total += float(dalle(chunk.to(device), return_loss=True).loss) * len(chunk)
     dalle.train(was_training)
     return total / len(ids)
+
+
+# ------------------------------------------------------------------------------ memory estimate
+_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 0}  # optimizer bytes per trainable parameter
+
+
+def estimate_memory(model_config: Any, config: FinetuneConfig, *, weights_dtype: torch.dtype = torch.float16
+                    ) -> dict[str, float]:
+    """Rough peak accelerator memory (GiB) of finetuning a generator of ``model_config`` (a
+    :class:`rudalle_pipe.DalleConfig`) with ``config``, before any framework overhead.
+
+    Counted: frozen weights in ``weights_dtype``; trainable parameters as fp32 master copy + fp32
+    gradient + optimizer states (AdamW 8 B, 8-bit AdamW 2 B, Adafactor ~0 B per parameter); the
+    activations of a sequence of ``L`` positions, batch ``b``, width ``h``, ``a`` heads at 2 bytes, using
+    the usual per-layer estimate ``34 L b h + 5 a L^2 b`` bytes for one layer (every layer without
+    gradient checkpointing, one layer plus each layer's input with it); the fp32 logits and their
+    gradient ``2 * 4 * b * L * V``. The parameters are counted on the meta device (nothing is allocated).
+    """
+    from .dalle import DalleModel
+
+    with torch.device("meta"):
+        model = DalleModel(model_config)
+        select_trainable(model, config)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+    frozen = total - trainable  # with LoRA: every original weight (the factors are the trainable part)
+    cfg = model_config
+    b, seq, h, a = config.batch_size, cfg.total_seq_length, cfg.hidden_size, cfg.num_attention_heads
+    per_layer = 34 * seq * b * h + 5 * a * seq * seq * b  # bytes, fp16 activations of one layer
+    if config.gradient_checkpointing:
+        activations = per_layer + cfg.num_layers * seq * b * h * 2
+    else:
+        activations = cfg.num_layers * per_layer
+    logits = 2 * 4 * b * seq * (cfg.vocab_size + cfg.image_vocab_size)
+    gib = 2 ** 30
+    parts = {
+        "parameters_total_m": total / 1e6,
+        "parameters_trainable_m": trainable / 1e6,
+        "frozen_weights_gib": frozen * torch.finfo(weights_dtype).bits / 8 / gib,
+        "trainable_weights_grads_gib": trainable * 8 / gib,
+        "optimizer_gib": trainable * _STATE_BYTES[config.optimizer] / gib,
+        "activations_gib": (activations + logits) / gib,
+    }
+    parts["total_gib"] = sum(v for k, v in parts.items() if k.endswith("_gib"))
+    return parts
 
 
 # ------------------------------------------------------------------------------------- finetune

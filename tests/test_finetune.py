@@ -267,3 +267,23 @@ def test_cli_finetune_then_generate(tmp_path, fixtures_dir, capsys):
     # finished: a rerun refuses instead of overwriting
     assert main(["finetune", str(folder), "--out", str(out), "--model", str(base), "--caption", "квадрат"]) == 1
     assert "exists: this run has finished" in capsys.readouterr().err
+
+
+def test_memory_estimate_counts_parameters_and_options():
+    from rudalle_pipe import DalleConfig
+    from rudalle_pipe.registry import PRETRAINED
+
+    tiny = tiny_dalle()
+    full = ft.estimate_memory(tiny.config, ft.FinetuneConfig())
+    assert full["parameters_total_m"] * 1e6 == pytest.approx(sum(p.numel() for p in tiny.parameters()))
+    assert full["frozen_weights_gib"] == 0 and full["optimizer_gib"] == pytest.approx(full["trainable_weights_grads_gib"])
+    # Malevich on a 16 GB card: full AdamW does not fit, LoRA + checkpointing does, by a wide margin
+    malevich = DalleConfig(**PRETRAINED["Malevich"].config)
+    adamw = ft.estimate_memory(malevich, ft.FinetuneConfig())
+    lora = ft.estimate_memory(malevich, ft.FinetuneConfig(lora_rank=16, train=("attention", "mlp"),
+                                                          gradient_checkpointing=True))
+    assert 1300 < adamw["parameters_total_m"] < 1320 and adamw["total_gib"] > 16 > 4 > lora["total_gib"]
+    assert lora["parameters_trainable_m"] == pytest.approx(24 * 16 * (2048 + 3 * 2048 + 2048 + 2048
+                                                                       + 2048 + 4 * 2048 + 4 * 2048 + 2048) / 1e6)
+    ckpt = ft.estimate_memory(malevich, ft.FinetuneConfig(gradient_checkpointing=True, optimizer="adamw8bit"))
+    assert ckpt["activations_gib"] < adamw["activations_gib"] / 5 and ckpt["optimizer_gib"] == adamw["optimizer_gib"] / 4

@@ -1,0 +1,342 @@
+"""Write the three notebooks from the cell sources below (run after editing: ``python notebooks/build.py``).
+
+Keeping the sources here keeps the notebooks reviewable as code and free of stored outputs; a test
+checks that the committed ``.ipynb`` files match this script.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+REPO = "https://github.com/rudalle-pipe/rudalle_pipe"  # where the project is published
+
+
+def badge(name: str) -> str:
+    url = f"https://colab.research.google.com/github/{REPO.removeprefix('https://github.com/')}/blob/main/notebooks/{name}"
+    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
+
+
+INSTALL = f'''# Install the package from the repository (skipped where it is already installed, e.g. in CI).
+import importlib.util
+import subprocess
+import sys
+
+if importlib.util.find_spec("rudalle_pipe") is None:
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "rudalle-pipe[train] @ git+{REPO}"])'''
+
+CHOOSE = '''# Which model: the MODEL parameter (environment variable RUDALLE_PIPE_MODEL, as CI sets it), else
+# Malevich from the Hugging Face Hub when there is a GPU and the Hub answers, else the embedded demo
+# model, which needs neither.
+import os
+
+import torch
+from huggingface_hub import HfApi, constants
+
+from rudalle_pipe import list_pretrained
+
+MODEL = os.environ.get("RUDALLE_PIPE_MODEL", "auto")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def hub_reachable() -> bool:
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        HfApi().model_info("sberbank-ai/rudalle-Malevich", timeout=10)
+        return True
+    except Exception:
+        return False
+
+
+if MODEL == "auto":
+    MODEL = "Malevich" if DEVICE == "cuda" and hub_reachable() else "demo"
+DEMO = MODEL not in list_pretrained("dalle")  # the demo family (bundled or a local directory), not a Hub model
+print(f"model: {MODEL}, device: {DEVICE}")'''
+
+
+def quickstart() -> list:
+    return [
+        new_markdown_cell(f"""# rudalle_pipe: quickstart
+
+{badge("quickstart.ipynb")}
+
+Text to pictures the ruDALL-E way: **generate** candidates with the transformer, **rerank** them with
+CLIP, **upscale** the best with Real-ESRGAN. On a GPU with Hub access this notebook loads ruDALL-E
+Malevich (1.3B, fp16); anywhere else it runs the tiny demo model that ships inside the package (it draws
+coloured shapes on plain backgrounds, offline, in seconds on a CPU)."""),
+        new_code_cell(INSTALL),
+        new_code_cell(CHOOSE),
+        new_markdown_cell("""## Load the chain
+
+`load_pipeline` returns the tokenizer, generator, VQGAN, CLIP reranker and x4 upscaler together. The
+generator goes to the GPU in fp16 (about 2.6 GB for Malevich); the other models stay fp32."""),
+        new_code_cell('''from rudalle_pipe import load_pipeline
+
+pipe = load_pipeline(MODEL, device=DEVICE, dtype=torch.float16 if DEVICE == "cuda" else torch.float32)
+cfg = pipe.dalle.config
+print(f"{sum(p.numel() for p in pipe.dalle.parameters()) / 1e6:.1f}M parameters, "
+      f"{cfg.image_tokens_per_dim}x{cfg.image_tokens_per_dim} codes from a {cfg.image_vocab_size}-code VQGAN")'''),
+        new_markdown_cell("""## Generate
+
+Each image is sampled code by code. Two filters decide which codes may be drawn at every step:
+
+* **top-k** keeps the *k* most likely codes;
+* **top-p** (nucleus) keeps the smallest set whose probabilities add up to *p*.
+
+Lower values give safer, more uniform pictures; higher ones give variety and more failures. The
+original authors recommend the pairs **2048 / 0.995**, **1536 / 0.99** and **1024 / 0.99** for
+Malevich. The demo model has only 512 codes, so *k* is capped at the vocabulary. `seed` makes the
+run reproducible: image *i* uses seed + *i*, whatever the batch size."""),
+        new_code_cell('''from rudalle_pipe import generate_images, show
+
+TEXT = "большой красный круг в центре на сером фоне" if DEMO else "рыжий котик"
+TOP_K, TOP_P = min(2048, cfg.image_vocab_size), 0.995
+out = generate_images(TEXT, pipe.tokenizer, pipe.dalle, pipe.vae, top_k=TOP_K, top_p=TOP_P,
+                      num_images=16 if DEMO else 8, seed=42)
+show(out.images, nrow=8);'''),
+        new_markdown_cell("""## Rerank with CLIP
+
+`cherry_pick_by_clip` scores every candidate against the text (cosine similarity) and keeps the best."""),
+        new_code_cell('''from rudalle_pipe import cherry_pick_by_clip
+
+best = cherry_pick_by_clip(out.images, TEXT, pipe.clip, top_n=4)
+print("best candidates:", best.indices, "scores:", [round(s, 3) for s in best.scores])
+show(best.images);'''),
+        new_markdown_cell("""## Upscale
+
+Real-ESRGAN x4 works in tiles, so memory stays bounded whatever the picture size."""),
+        new_code_cell('''from rudalle_pipe import super_resolution
+
+big = super_resolution(best.images, pipe.upscaler)
+grid = show(big, nrow=4, save_dir="quickstart_out", overwrite=True)
+print("upscaled to", big[0].size, "- saved in quickstart_out/")'''),
+        new_markdown_cell("""## Next
+
+* `demo_offline.ipynb`: how top-k, top-p and temperature change the pictures, and the rerank scores.
+* `finetune.ipynb`: teach the model your own pictures.
+* The same chain from a terminal: `rudalle-pipe generate "рыжий котик" --model Malevich`."""),
+    ]
+
+
+def demo_offline() -> list:
+    return [
+        new_markdown_cell(f"""# The embedded demo model, offline, on a CPU
+
+{badge("demo_offline.ipynb")}
+
+The package ships a complete tiny model family trained by the project itself (tokenizer, VQGAN,
+generator, CLIP and x4 Real-ESRGAN, about 10 MB). It draws one coloured shape on a plain background,
+described in Russian, e.g. *большая жёлтая звезда слева на сером фоне*. Nothing here needs a GPU or the
+network. An automatic detector (`rudalle_pipe.shapes.detect`) reads the shape, colour, size, position
+and background back from every picture, so we can *measure* what the sampling settings do."""),
+        new_code_cell(INSTALL),
+        new_code_cell('''import os
+import time
+
+import torch
+
+from rudalle_pipe import cherry_pick_by_clip, generate_images, image_grid, load_pipeline, shapes, show, super_resolution
+
+MODEL = os.environ.get("RUDALLE_PIPE_MODEL", "demo")  # a demo-family pipeline: "demo" or a directory
+pipe = load_pipeline(MODEL)
+TEXT = "большая жёлтая звезда слева на сером фоне"
+target = shapes.parse_caption(TEXT)
+V = pipe.dalle.config.image_vocab_size  # image codes (512 for the demo model)
+print(target)'''),
+        new_code_cell('''def accuracy(images) -> float:
+    """Fraction of images whose five detected attributes all match the text."""
+    return shapes.score(images, [target] * len(images))["all"]
+
+
+def sample(n=8, **settings):
+    return generate_images(TEXT, pipe.tokenizer, pipe.dalle, pipe.vae, num_images=n, seed=0,
+                           progress=False, **settings)'''),
+        new_markdown_cell("""## top-k
+
+`top_k=1` is greedy decoding: the single most likely code every time, so every seed gives the same
+picture. Larger *k* lets more codes through."""),
+        new_code_cell('''rows = []
+for k in (1, 8, 64, V):
+    out = sample(top_k=k, top_p=1.0)
+    rows += out.images
+    print(f"top_k={k:3d}: all attributes right in {accuracy(out.images):.0%} of 8")
+show(rows, nrow=8);'''),
+        new_markdown_cell("""## top-p and temperature
+
+Temperature divides the logits before the filters: below 1 sharpens the distribution, above 1
+flattens it. High temperature with no nucleus filter produces noise; a top-p filter reins it in."""),
+        new_code_cell('''rows = []
+for temperature, top_p in ((0.7, 1.0), (1.0, 1.0), (1.5, 1.0), (1.5, 0.9)):
+    out = sample(top_k=V, top_p=top_p, temperature=temperature)
+    rows += out.images
+    print(f"temperature={temperature}, top_p={top_p}: all attributes right in {accuracy(out.images):.0%}; "
+          f"mean perplexity {sum(out.perplexities) / len(out.perplexities):.2f}")
+show(rows, nrow=8);'''),
+        new_markdown_cell("""## Rerank scores
+
+Sixteen candidates, sorted by CLIP. The detector's verdict is printed next to each score: the
+reranker should push the pictures that match the text to the top."""),
+        new_code_cell('''out = sample(n=16, top_k=V, top_p=0.995)
+ranked = cherry_pick_by_clip(out.images, TEXT, pipe.clip, progress=False)
+for rank, (index, score, image) in enumerate(zip(ranked.indices, ranked.scores, ranked.images)):
+    found = shapes.detect(image)
+    ok = all(shapes.attribute_matches(found, target).values())
+    print(f"{rank:2d}. candidate {index:2d}  score {score:.3f}  {'matches' if ok else 'differs'}: "
+          f"{found.size} {found.color} {found.shape} {found.position} / {found.background}")
+show(ranked.images, nrow=8);'''),
+        new_markdown_cell("""## The whole chain, timed"""),
+        new_code_cell('''start = time.perf_counter()
+out = sample(n=16, top_k=V, top_p=0.995)
+best = cherry_pick_by_clip(out.images, TEXT, pipe.clip, top_n=4, progress=False)
+big = super_resolution(best.images, pipe.upscaler, progress=False)
+print(f"16 candidates -> rerank -> x4 of the best 4: {time.perf_counter() - start:.1f} s on "
+      f"{torch.get_num_threads()} CPU threads")
+show(big);'''),
+    ]
+
+
+def finetune_nb() -> list:
+    return [
+        new_markdown_cell(f"""# Finetune on your own pictures
+
+{badge("finetune.ipynb")}
+
+Teach the generator a style or a subject from a folder of pictures, as Emojich and the "Looking
+Glass" notebooks did for ruDALL-E. The pictures are encoded by the VQGAN once; then the transformer is
+trained with the original loss (text and image cross-entropy, weighted 1 : 7).
+
+* On **Colab with a GPU** this finetunes **Malevich** with LoRA adapters, fp16 autocast and gradient
+  checkpointing, well inside a 16 GB T4 (see the memory table below).
+* **Anywhere else** (and in CI) it finetunes the embedded demo model on a few rendered pictures of a
+  colour-shape pair the demo model never saw in training (a yellow diamond), on the CPU.
+
+To use your own pictures, put them in a folder with a `captions.csv` (columns `file,caption`), or a
+`<name>.txt` caption beside each image, or give one `CAPTION` for all, and set `DATA_DIR`."""),
+        new_code_cell(INSTALL),
+        new_code_cell(CHOOSE),
+        new_markdown_cell("""## Will it fit? The memory arithmetic for Malevich
+
+`estimate_memory` counts the parameters on the meta device (nothing is allocated) and adds the
+weights, gradients, optimizer states and activations for each set of options."""),
+        new_code_cell('''from rudalle_pipe import DalleConfig
+from rudalle_pipe.finetune import FinetuneConfig, estimate_memory
+from rudalle_pipe.registry import PRETRAINED
+
+malevich = DalleConfig(**PRETRAINED["Malevich"].config)
+options = {
+    "full, AdamW": FinetuneConfig(),
+    "full, AdamW, checkpointing": FinetuneConfig(gradient_checkpointing=True),
+    "full, 8-bit AdamW, checkpointing": FinetuneConfig(gradient_checkpointing=True, optimizer="adamw8bit"),
+    "full, Adafactor, checkpointing": FinetuneConfig(gradient_checkpointing=True, optimizer="adafactor"),
+    "LoRA r=16 attention+MLP, checkpointing": FinetuneConfig(lora_rank=16, train=("attention", "mlp"),
+                                                             gradient_checkpointing=True),
+}
+print(f"{'options (batch 1, fp16 frozen weights)':42s} {'trainable':>10s} {'GiB':>6s}  T4 16 GB")
+for name, opts in options.items():
+    m = estimate_memory(malevich, opts)
+    print(f"{name:42s} {m['parameters_trainable_m']:8.1f} M {m['total_gib']:6.1f}  "
+          f"{'fits' if m['total_gib'] < 14.5 else 'does not fit'}")'''),
+        new_markdown_cell("""## The pictures
+
+With `DATA_DIR = None` the notebook writes an example set: 12 renders of yellow diamonds in various
+sizes and places. For your own, upload a folder and point `DATA_DIR` at it."""),
+        new_code_cell('''import csv
+import random
+from pathlib import Path
+
+from rudalle_pipe import shapes
+
+DATA_DIR = None      # e.g. "/content/my_pictures"
+CAPTION = None       # one caption for every picture, or None to read captions.csv / <name>.txt
+
+if DATA_DIR is None:
+    DATA_DIR = Path("finetune_example")
+    DATA_DIR.mkdir(exist_ok=True)
+    rng = random.Random(0)
+    rows = [("file", "caption")]
+    for i in range(12):
+        scene = shapes.Scene("ромб", "жёлтый", rng.choice(shapes.SIZES), rng.choice(shapes.POSITIONS),
+                             rng.choice(["чёрный", "серый", "синий"]))
+        shapes.render(scene, 256).save(DATA_DIR / f"{i:02d}.png")
+        rows.append((f"{i:02d}.png", shapes.caption(scene, rng)))
+    with open(DATA_DIR / "captions.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+print(sorted(p.name for p in Path(DATA_DIR).iterdir())[:5], "...")'''),
+        new_markdown_cell("""## Before"""),
+        new_code_cell('''from rudalle_pipe import generate_images, load_pipeline, show
+
+pipe = load_pipeline(MODEL, device=DEVICE, dtype=torch.float16 if DEVICE == "cuda" else torch.float32,
+                     clip=False, upscaler=False)
+PROMPT = "большой жёлтый ромб в центре на чёрном фоне"
+TOP_K = min(2048, pipe.dalle.config.image_vocab_size)
+before = generate_images(PROMPT, pipe.tokenizer, pipe.dalle, pipe.vae, top_k=TOP_K, top_p=0.995,
+                         num_images=8, seed=0, progress=False)
+show(before.images, nrow=8);'''),
+        new_markdown_cell("""## Finetune
+
+`finetune` runs on Hugging Face accelerate (so the same call works on a CPU, a GPU, or several GPUs
+under `accelerate launch`). It writes checkpoints to `OUT_DIR` as it goes; running the cell again
+resumes from the last one. The result loads like any other model: `get_rudalle_model(OUT_DIR + "/final")`."""),
+        new_code_cell('''import shutil
+import time
+
+from rudalle_pipe.finetune import finetune
+
+OUT_DIR = "finetune_run"
+shutil.rmtree(OUT_DIR, ignore_errors=True)  # start fresh each time this notebook runs
+if DEMO:   # 1.9M parameters on a CPU: train everything
+    settings = dict(steps=int(os.environ.get("FINETUNE_STEPS", 60)), lr=1e-3, batch_size=8,
+                    checkpoint_every=30)
+else:      # Malevich on one 16 GB GPU: LoRA + fp16 autocast + gradient checkpointing
+    settings = dict(steps=300, lr=1e-4, batch_size=2, lora_rank=16, train=("attention", "mlp"),
+                    gradient_checkpointing=True, mixed_precision="fp16", checkpoint_every=100)
+    torch.cuda.reset_peak_memory_stats()
+start = time.perf_counter()
+result = finetune(pipe.dalle, pipe.vae, pipe.tokenizer, DATA_DIR, caption=CAPTION, out_dir=OUT_DIR, **settings)
+print(f"{settings['steps']} steps in {time.perf_counter() - start:.0f} s; loss on the pictures "
+      f"{result.loss_before:.3f} -> {result.loss_after:.3f}")
+if DEVICE == "cuda":
+    print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")'''),
+        new_code_cell('''import csv
+
+with open(f"{OUT_DIR}/loss_log.csv") as f:
+    log = list(csv.DictReader(f))
+for row in log[:: max(1, len(log) // 6)] + log[-1:]:
+    print(f"step {int(row['step']):4d}  loss {float(row['loss']):.3f}  lr {float(row['lr']):.1e}")'''),
+        new_markdown_cell("""## After"""),
+        new_code_cell('''after = generate_images(PROMPT, pipe.tokenizer, result.model, pipe.vae, top_k=TOP_K, top_p=0.995,
+                        num_images=8, seed=0, progress=False)
+show(before.images + after.images, nrow=8);  # top row before, bottom row after
+if DEMO:  # the demo pictures can be checked automatically
+    target = shapes.parse_caption(PROMPT)
+    for name, images in (("before", before.images), ("after", after.images)):
+        hits = shapes.score(images, [target] * len(images))
+        print(f"{name}: colour right {hits['color']:.0%}, shape right {hits['shape']:.0%}, all {hits['all']:.0%}")'''),
+    ]
+
+
+NOTEBOOKS = {"quickstart.ipynb": quickstart, "demo_offline.ipynb": demo_offline, "finetune.ipynb": finetune_nb}
+
+
+def build(name: str) -> nbformat.NotebookNode:
+    nb = new_notebook(cells=NOTEBOOKS[name]())
+    nb.metadata.update({"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                        "language_info": {"name": "python"}, "accelerator": "GPU",
+                        "colab": {"provenance": [], "name": name}})
+    for i, cell in enumerate(nb.cells):
+        cell["id"] = f"{Path(name).stem}-{i:02d}"
+    return nb
+
+
+def main() -> int:
+    for name in NOTEBOOKS:
+        nbformat.write(build(name), HERE / name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
