@@ -245,3 +245,29 @@ def test_train_demo_quick_end_to_end(tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="overwrite"):
         demo.install(pipeline_dir)
     assert (demo.install(pipeline_dir, overwrite=True) / "pipeline.json").is_file()
+
+
+def test_training_command_resumes_after_an_interruption(tmp_path, monkeypatch):
+    """`python -m rudalle_pipe.train demo --quick`: stopped inside the generator stage, the same command
+    continues from the generator's last checkpoint (finished stages are not trained again)."""
+    from rudalle_pipe.train.__main__ import main
+
+    argv = ["demo", "--out", str(tmp_path), "--quick", "--no-progress"]
+    with monkeypatch.context() as patch:
+        _raise_at(dalle_stage, 3, patch)  # the generator's checkpoint of step 2 survives
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+    assert (tmp_path / "vqgan" / "final").is_dir() and not (tmp_path / "dalle" / "final").exists()
+    vqgan_log = (tmp_path / "vqgan" / "loss_log.csv").read_text()
+    assert main(argv) == 0
+    assert (tmp_path / "vqgan" / "loss_log.csv").read_text() == vqgan_log  # not retrained
+    with open(tmp_path / "dalle" / "loss_log.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == [1, 2, 3, 4]  # rows 1-2 from the first run, 3-4 after the resume
+    from rudalle_pipe.train.demo import QUICK_CONFIG
+
+    losses = _losses(tmp_path / "dalle")
+    assert losses[-1] < losses[0]
+    ae = _losses(tmp_path / "vqgan")[: QUICK_CONFIG.vqgan.ae_steps]  # the autoencoder phase (VQ adds its loss after)
+    assert len(ae) >= 2 and ae[-1] < ae[0]
+    assert (tmp_path / "pipeline" / "pipeline.json").is_file()
