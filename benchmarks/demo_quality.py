@@ -4,7 +4,7 @@ Rerun with::
 
     python benchmarks/demo_quality.py                     # the bundled "demo" pipeline
     python benchmarks/demo_quality.py --model DIR         # any directory written by save_pipeline
-    python benchmarks/demo_quality.py --prompts 24        # more prompts per split (default 12)
+    python benchmarks/demo_quality.py --prompts 96        # more prompts per split (default 48)
     python benchmarks/demo_quality.py --quick             # few prompts and images, for a smoke run
 
 Everything is measured in this one run, with fixed seeds (``--seed``), and printed as one table,
@@ -130,7 +130,7 @@ def row(name: str, value: str, goal: str = "", ok: bool | None = None) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="demo", help="pipeline name or directory (default: demo)")
-    parser.add_argument("--prompts", type=int, default=12, help="prompts per split (default 12)")
+    parser.add_argument("--prompts", type=int, default=48, help="prompts per split (default 48)")
     parser.add_argument("--candidates", type=int, default=16, help="images per prompt (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     parser.add_argument("--top-k", type=int, default=None, help="default: min(2048, image vocabulary)")

@@ -305,7 +305,8 @@ if DEVICE == "cuda":
 
 with open(f"{OUT_DIR}/loss_log.csv") as f:
     log = list(csv.DictReader(f))
-for row in log[:: max(1, len(log) // 6)] + log[-1:]:
+rows = log[:: max(1, len(log) // 6)]
+for row in rows + ([] if rows[-1] is log[-1] else log[-1:]):
     print(f"step {int(row['step']):4d}  loss {float(row['loss']):.3f}  lr {float(row['lr']):.1e}")'''),
         new_markdown_cell("""## After"""),
         new_code_cell('''after = generate_images(PROMPT, pipe.tokenizer, result.model, pipe.vae, top_k=TOP_K, top_p=0.995,

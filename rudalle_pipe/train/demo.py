@@ -57,7 +57,7 @@ QUICK_CONFIG = DemoConfig(
         model=VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(), z_channels=32,
                           embed_dim=32, n_embed=64, resolution=64),
         loop=LoopConfig(steps=4, lr=2e-3, checkpoint_every=2, log_every=1), batch_size=4, max_images=32,
-        eval_images=8, ae_steps=2, kmeans_images=8, kmeans_iters=2),
+        eval_images=8, ae_steps=2, kmeans_images=8, kmeans_iters=2, decoder_steps=2),
     dalle=DalleTrainConfig(num_layers=2, hidden_size=32, num_attention_heads=2, text_seq_length=40,
                            loop=LoopConfig(steps=4, lr=2e-3, checkpoint_every=2, log_every=1), batch_size=4,
                            max_scenes=32, eval_scenes=4),

@@ -18,7 +18,10 @@ The first ``ae_steps`` steps train a plain autoencoder on ``h`` (no quantisation
 faster than a VQ model from scratch; the codebook is then initialised by spherical k-means on the
 encoder outputs of ``kmeans_images`` training renders, so every code starts in use. The 1x1
 ``quant_conv`` and ``post_quant_conv`` start as identities (a chain of freshly initialised linear
-layers around the bottleneck slows the first steps down). Codes unused for a while (an exponential
+layers around the bottleneck slows the first steps down). After the main loop, ``decoder_steps`` more
+steps train the decoder alone on the fixed codes (encoder and codebook frozen, so every image keeps
+its codes), drawing the images in proportion to their reconstruction error: small stars and diamonds,
+a few pixels of a 64 px picture, otherwise stay blobs. Codes unused for a while (an exponential
 moving average of assignments, a buffer saved with the checkpoints) are restarted on random encoder
 outputs of the current batch; that randomness comes from a generator seeded by the step, so a
 resumed run is identical to an uninterrupted one.
@@ -60,6 +63,8 @@ class VQGANTrainConfig:
     ae_steps: int = 1000  # leading steps trained without quantisation (then k-means initialises the codebook)
     kmeans_images: int = 384  # training renders whose encoder outputs seed the k-means
     kmeans_iters: int = 15  # spherical k-means iterations
+    decoder_steps: int = 1000  # then the decoder alone on fixed codes, hard images oversampled; 0 = skip
+    decoder_lr: float = 3e-4  # peak learning rate of that phase
     beta: float = 0.25  # commitment weight (pulls encoder outputs to their codes)
     restart_every: int = 20  # steps between dead-code restarts
     restart_until: float = 0.8  # fraction of the steps after which codes are no longer restarted
@@ -191,6 +196,50 @@ def reconstruction_psnr(vae: VQGAN, images: torch.Tensor, batch_size: int = 50) 
     return float(torch.cat(psnrs).mean()), len(used)
 
 
+class _DecoderTrainer(nn.Module):
+    """``forward(codes, images)``: reconstruction loss of the decoder (and ``post_quant_conv``) on fixed codes."""
+
+    def __init__(self, vae: VQGAN) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, codes: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        device = vae.post_quant_conv.weight.device
+        x = images.to(device).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+        side = int(codes.shape[1] ** 0.5)
+        z = rearrange(vae.quantize.embed.weight[codes.to(device)], "b (h w) d -> b d h w", h=side)
+        x_hat = vae.decoder(vae.post_quant_conv(z))
+        return (x_hat - x).abs().mean() + (x_hat - x).pow(2).mean()
+
+
+def refine_decoder(vae: VQGAN, images: torch.Tensor, config: VQGANTrainConfig, out_dir: Path,
+                   progress: bool = True) -> VQGAN:
+    """Train only ``post_quant_conv`` and the decoder for ``config.decoder_steps`` steps on the codes of
+    ``images`` (uint8 (N, 3, H, W)), sampling images in proportion to their current squared error."""
+    with torch.no_grad():
+        codes = torch.cat([vae.get_codebook_indices(c.float() / 255) for c in images.split(100)])  # (N, h*w)
+        errors = torch.cat([(vae.decode(k) - c.float() / 255).pow(2).flatten(1).mean(1)
+                            for k, c in zip(codes.split(100), images.split(100))]).double()  # (N,)
+    weights = errors / errors.sum()
+    vae.requires_grad_(False)
+    params = [*vae.post_quant_conv.parameters(), *vae.decoder.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+
+    def get_batch(step: int) -> dict:
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + 7_777_777 + step)
+        idx = torch.multinomial(weights, config.batch_size, replacement=True, generator=gen)
+        return {"codes": codes[idx], "images": images[idx]}
+
+    loop = LoopConfig(steps=config.decoder_steps, lr=config.decoder_lr, warmup_steps=min(20, config.decoder_steps),
+                      checkpoint_every=config.loop.checkpoint_every, log_every=config.loop.log_every,
+                      seed=config.seed)
+    trainer, _ = run_training("vqgan-decoder", _DecoderTrainer(vae), lambda m, b: m(**b), get_batch, loop,
+                              out_dir, parameters=params, progress=progress)
+    return trainer.vae.requires_grad_(False).eval()
+
+
 def train(out_dir: str | Path, *, config: VQGANTrainConfig = VQGANTrainConfig(), progress: bool = True,
           images: torch.Tensor | None = None, eval_images: torch.Tensor | None = None) -> Path:
     """Train the VQGAN and save it to ``out_dir/final`` (``hub.save_pretrained``, model_type ``"vqgan"``).
@@ -231,6 +280,8 @@ def train(out_dir: str | Path, *, config: VQGANTrainConfig = VQGANTrainConfig(),
                                    progress=progress)
     restarted = int(trainer.restarted)
     vae = sync_proj(trainer.vae.eval())
+    if config.decoder_steps:
+        vae = refine_decoder(vae, images, config, out_dir / "decoder", progress)
     if eval_images is None:
         eval_images = render_scenes(all_scenes("heldout")[: config.eval_images], size)
     psnr, used = reconstruction_psnr(vae, eval_images)
