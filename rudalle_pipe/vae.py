@@ -399,6 +399,11 @@ class VQGAN(nn.Module):
         Returns:
             float32 tensor (B, 3, s*f, s*f) RGB in [0, 1], f = ``decode_factor`` (8, or 16 for DWT).
         """
+        return (self.decode_raw(codes).float().clamp(-1.0, 1.0) + 1.0) * 0.5
+
+    def decode_raw(self, codes: torch.Tensor) -> torch.Tensor:
+        """The decoder's output for ``codes`` (B, n), before clamping: (B, 3, s*f, s*f), roughly [-1, 1].
+        Differentiable (training uses it); :meth:`decode` is the inference entry point."""
         side = self._check_codes(codes)
         weight = self.quantize.embed.weight  # (n_embed, embed_dim)
         z = F.embedding(codes.to(weight.device), weight)  # (B, n, embed_dim)
@@ -407,7 +412,7 @@ class VQGAN(nn.Module):
             x = self.decoder(z)  # (B, 3, 16s, 16s); DWTDecoder applies its own post_quant_conv
         else:
             x = self.decoder(self.post_quant_conv(z))  # (B, 3, 8s, 8s)
-        return (x.float().clamp(-1.0, 1.0) + 1.0) * 0.5
+        return x
 
     def _check_images(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor) or not images.is_floating_point():

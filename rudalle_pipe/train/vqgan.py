@@ -82,6 +82,16 @@ class VQGANTrainConfig:
             raise ValueError(f"ae_steps must be in [0, loop.steps={self.loop.steps}), got {self.ae_steps}")
 
 
+def _unit_latents(vae: VQGAN, x: torch.Tensor) -> torch.Tensor:
+    """x (B, 3, H, W) in [-1, 1] -> l2-normalised encoder outputs (B, D, H/f, W/f): what the codes quantise."""
+    return F.normalize(vae.quant_conv(vae.encoder(x)), dim=1)
+
+
+def _reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 + MSE between the decoder output and the target, both in [-1, 1]."""
+    return (x_hat - x).abs().mean() + (x_hat - x).pow(2).mean()
+
+
 class VQGANTrainer(nn.Module):
     """Wraps a :class:`VQGAN` so that one ``forward`` is one training loss (DDP wraps this module).
 
@@ -114,14 +124,12 @@ class VQGANTrainer(nn.Module):
         if kmeans_images is not None:
             self._kmeans_init(kmeans_images.to(device), seed, kmeans_iters)
         if not quantize:
-            h = F.normalize(vae.quant_conv(vae.encoder(x)), dim=1)  # (B, D, h, w), unit vectors
-            x_hat = vae.decoder(vae.post_quant_conv(h))
-            return (x_hat - x).abs().mean() + (x_hat - x).pow(2).mean()
+            return _reconstruction_loss(vae.decoder(vae.post_quant_conv(_unit_latents(vae, x))), x)
         if restart:  # before the codebook enters the autograd graph of this step
             with torch.no_grad():
-                h0 = F.normalize(vae.quant_conv(vae.encoder(x)), dim=1)  # (B, D, h, w)
+                h0 = _unit_latents(vae, x)  # (B, D, h, w)
                 self._restart_dead(rearrange(h0, "b d y x -> (b y x) d"), seed)
-        h = F.normalize(vae.quant_conv(vae.encoder(x)), dim=1)  # (B, D, h, w), unit vectors
+        h = _unit_latents(vae, x)  # (B, D, h, w), unit vectors
         flat = rearrange(h, "b d y x -> (b y x) d")  # (N, D)
         codebook = F.normalize(vae.quantize.embed.weight, dim=1)  # (K, D)
         codes = (flat.detach() @ codebook.T).argmax(dim=1)  # (N,)
@@ -129,7 +137,7 @@ class VQGANTrainer(nn.Module):
         vq_loss = (flat.detach() - q).pow(2).sum(1).mean() + self.beta * (flat - q.detach()).pow(2).sum(1).mean()
         q_st = rearrange(flat + (q - flat).detach(), "(b y x) d -> b d y x", b=h.shape[0], y=h.shape[2])
         x_hat = vae.decoder(vae.post_quant_conv(q_st))  # (B, 3, H, W)
-        rec = (x_hat - x).abs().mean() + (x_hat - x).pow(2).mean()
+        rec = _reconstruction_loss(x_hat, x)
         with torch.no_grad():
             counts = torch.bincount(codes, minlength=codebook.shape[0]).float()  # (K,)
             self.usage.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
@@ -139,8 +147,7 @@ class VQGANTrainer(nn.Module):
     def _kmeans_init(self, images: torch.Tensor, seed: int, iters: int) -> None:
         """Spherical k-means of the encoder outputs of ``images`` into the codebook (K unit rows)."""
         vae = self.vae
-        feats = [F.normalize(vae.quant_conv(vae.encoder(chunk.float() / 127.5 - 1.0)), dim=1)
-                 for chunk in images.split(64)]
+        feats = [_unit_latents(vae, chunk.float() / 127.5 - 1.0) for chunk in images.split(64)]
         flat = torch.cat([rearrange(f, "b d y x -> (b y x) d") for f in feats])  # (N, D)
         k = vae.config.n_embed
         gen = torch.Generator().manual_seed(seed)
@@ -204,13 +211,8 @@ class _DecoderTrainer(nn.Module):
         self.vae = vae
 
     def forward(self, codes: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        device = vae.post_quant_conv.weight.device
-        x = images.to(device).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
-        side = int(codes.shape[1] ** 0.5)
-        z = rearrange(vae.quantize.embed.weight[codes.to(device)], "b (h w) d -> b d h w", h=side)
-        x_hat = vae.decoder(vae.post_quant_conv(z))
-        return (x_hat - x).abs().mean() + (x_hat - x).pow(2).mean()
+        x = images.to(self.vae.post_quant_conv.weight.device).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+        return _reconstruction_loss(self.vae.decode_raw(codes), x)
 
 
 def refine_decoder(vae: VQGAN, images: torch.Tensor, config: VQGANTrainConfig, out_dir: Path,
