@@ -330,18 +330,12 @@ def select_trainable(dalle: DalleModel, config: FinetuneConfig) -> list[nn.Param
 
 def _state_for_saving(dalle: DalleModel) -> dict[str, torch.Tensor]:
     """State dict with LoRA merged (original key names), without changing the model."""
-    state = {}
+    state = {k: v for k, v in dalle.state_dict().items() if ".parametrizations." not in k}
     for name, module in dalle.named_modules():
-        for key, tensor in module.named_parameters(recurse=False):
-            state[f"{name}.{key}" if name else key] = tensor.detach()
-        for key, tensor in module.named_buffers(recurse=False):
-            if key in module._non_persistent_buffers_set:
-                continue
-            state[f"{name}.{key}" if name else key] = tensor.detach()
         if isinstance(module, nn.Linear) and parametrize.is_parametrized(module, "weight"):
             original = module.parametrizations.weight.original
-            state[f"{name}.weight"] = module.weight.detach().to(original.dtype)
-    return {k: v for k, v in state.items() if ".parametrizations." not in f".{k}"}
+            state[f"{name}.weight"] = module.weight.detach().to(original.dtype)  # W + scale * B A
+    return state
 
 
 def _save_model(dalle: DalleModel, directory: Path) -> None:
@@ -429,7 +423,7 @@ def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, 
     Returns:
         A :class:`FinetuneResult`; ``get_rudalle_model(str(result.path))`` loads the model again.
     """
-    from .train.common import run_training
+    from .train.common import batch_indices, is_main_process, run_training
 
     if config is not None and options:
         raise TypeError(f"pass either config= or keyword options, not both (got {sorted(options)})")
@@ -446,10 +440,10 @@ def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, 
     if final.exists():
         raise FileExistsError(f"{final} exists: this run has finished. Load it with get_rudalle_model("
                               f"{str(final)!r}) or choose another out_dir")
-    half = [n for n, p in dalle.named_parameters() if p.dtype in (torch.float16, torch.bfloat16)]
+    half = [(n, p.dtype) for n, p in dalle.named_parameters() if p.dtype in (torch.float16, torch.bfloat16)]
     if half and config.mixed_precision == "no":
-        dtype = dict(dalle.named_parameters())[half[0]].dtype
-        raise ValueError(f"the generator holds {dtype} weights ({half[0]}, ...) and mixed_precision='no': pass "
+        name, dtype = half[0]
+        raise ValueError(f"the generator holds {dtype} weights ({name}, ...) and mixed_precision='no': pass "
                          "mixed_precision='fp16' or 'bf16', or load it in float32")
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_settings(out_dir, config)
@@ -469,8 +463,6 @@ def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, 
     logger.info("finetune: %.2fM of %.2fM parameters train", n_trainable / 1e6,
                 sum(p.numel() for p in dalle.parameters()) / 1e6)
     dalle.gradient_checkpointing = config.gradient_checkpointing
-
-    from .train.common import batch_indices
 
     def get_batch(step: int) -> torch.Tensor:
         return ids[batch_indices(step, len(ids), config.batch_size, config.seed)]
@@ -495,8 +487,6 @@ def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, 
     model.requires_grad_(False)
     model.eval()
     loss_after = dataset_loss(model, ids)
-    from .train.common import is_main_process
-
     if is_main_process():
         _save_model(model, final)
         summary = {"pairs": len(ids), "steps": config.steps, "loss_before": loss_before, "loss_after": loss_after,
