@@ -377,7 +377,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     name = args.model or default_model()
     try:
-        kind, directory = resolve_pipeline(name, what="model")
+        _, directory = resolve_pipeline(name, what="model")
         config = FinetuneConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                 train=tuple(p.strip() for p in args.train.split(",") if p.strip()),
                                 lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
@@ -391,8 +391,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out / 'pipeline'} exists: this run has finished; choose another --out")
     pairs = load_pairs(args.data, caption=args.caption)  # data errors before any weights load
     device = _resolve_device(args.device)
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    pipe = load_pipeline(name, device=device, dtype=dtype, clip=False, upscaler=False)
+    pipe = load_pipeline(name, device=device, dtype=getattr(torch, args.dtype), clip=False, upscaler=False)
     result = finetune(pipe.dalle, pipe.vae, pipe.tokenizer, pairs, out_dir=out, config=config,
                       progress=not args.no_progress)
     lines = [f"finetuned {name} on {len(pairs)} pictures for {config.steps} steps: loss "
