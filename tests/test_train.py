@@ -311,22 +311,26 @@ def test_decoder_refinement_keeps_every_code(tmp_path, renders16):
 
 
 def test_edge_weighted_loss_counts_errors_at_outlines_more():
-    x = torch.full((1, 3, 16, 16), -0.5)
-    x[:, :, 4:12, 4:12] = 0.8  # a square on a flat background
-    weights = vqgan_stage._edge_weights(x, 30.0)  # (1, 1, 16, 16)
-    assert weights.shape == (1, 1, 16, 16)
+    x = torch.full((1, 3, 32, 32), -0.5)
+    x[:, :, 12:20, 12:20] = 0.8  # a square on a flat background
+    weights = vqgan_stage._edge_weights(x, 30.0)  # (1, 1, 32, 32), from the target's edges only
+    assert weights.shape == (1, 1, 32, 32)
     assert torch.allclose(weights.mean(), torch.tensor(1.0))
-    assert weights[0, 0, 4, 4] > 4 * weights[0, 0, 0, 0]  # a corner of the square vs the far background
+    assert weights[0, 0, 12, 12] > 4 * weights[0, 0, 0, 0]  # a corner of the square vs the far background
     assert torch.allclose(vqgan_stage._edge_weights(torch.zeros(2, 3, 8, 8), 30.0), torch.ones(2, 1, 8, 8))
-    # the same error costs more on the outline than in a flat area; weight 0 is plain L1 + MSE
-    on_edge, flat = x.clone(), x.clone()
-    on_edge[:, :, 4, 4] -= 0.5
-    flat[:, :, 0, 15] -= 0.5
-    assert vqgan_stage._reconstruction_loss(on_edge, x, 30.0) > 4 * vqgan_stage._reconstruction_loss(flat, x, 30.0)
-    plain = (on_edge - x).abs().mean() + (on_edge - x).pow(2).mean()
-    assert torch.allclose(vqgan_stage._reconstruction_loss(on_edge, x), plain)
-    both = torch.cat([on_edge, flat])
-    per_image = vqgan_stage._reconstruction_loss(both, torch.cat([x, x]), 30.0, per_image=True)
+    # a missed outline and a false speck on flat background both cost more than under the plain loss
+    on_edge, speck = x.clone(), x.clone()
+    on_edge[:, :, 12, 12] -= 0.5
+    speck[:, :, 2, 29] += 0.5
+    assert vqgan_stage._edge_weights(x, 30.0, speck)[0, 0, 2, 29] > 4 * weights[0, 0, 2, 29]
+    for output in (on_edge, speck):
+        plain = (output - x).abs().mean() + (output - x).pow(2).mean()
+        assert torch.allclose(vqgan_stage._reconstruction_loss(output, x), plain)  # weight 0: L1 + MSE
+        assert vqgan_stage._reconstruction_loss(output, x, 30.0) > 4 * plain
+    smooth = x.clone()
+    smooth[:, :, 0:4, 0:4] += 0.02  # a faint flat error, under the edge threshold, weighs less than plain
+    assert vqgan_stage._reconstruction_loss(smooth, x, 30.0) < vqgan_stage._reconstruction_loss(smooth, x)
+    per_image = vqgan_stage._reconstruction_loss(torch.cat([on_edge, smooth]), torch.cat([x, x]), 30.0, per_image=True)
     assert per_image.shape == (2,) and per_image[0] > per_image[1]
     with pytest.raises(ValueError, match="decoder_edge_weight"):
         _vqgan_config(decoder_edge_weight=-1.0)

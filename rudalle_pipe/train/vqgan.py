@@ -21,8 +21,9 @@ encoder outputs of ``kmeans_images`` training renders, so every code starts in u
 layers around the bottleneck slows the first steps down). After the main loop, ``decoder_steps`` more
 steps train the decoder alone on the fixed codes (encoder and codebook frozen, so every image keeps
 its codes), drawing the images in proportion to their reconstruction error, with a loss that weighs
-pixels near edges ``1 + decoder_edge_weight`` times more than flat ones: the points of a small star are
-a few pixels of a 64 px picture, and a plain pixel loss is content to draw them as a pentagon. Codes unused for a while (an exponential
+pixels near edges (of the target or of the output) ``1 + decoder_edge_weight`` times more than flat
+ones: the points of a small star are a few pixels of a 64 px picture, and a plain pixel loss is content
+to draw them as a pentagon. Codes unused for a while (an exponential
 moving average of assignments, a buffer saved with the checkpoints) are restarted on random encoder
 outputs of the current batch; that randomness comes from a generator seeded by the step, so a
 resumed run is identical to an uninterrupted one.
@@ -91,14 +92,22 @@ def _unit_latents(vae: VQGAN, x: torch.Tensor) -> torch.Tensor:
     return F.normalize(vae.quant_conv(vae.encoder(x)), dim=1)
 
 
-def _edge_weights(x: torch.Tensor, edge_weight: float) -> torch.Tensor:
-    """Per-pixel loss weights (B, 1, H, W) for targets x (B, 3, H, W) in [-1, 1], mean 1 per image.
-
-    A pixel is "near an edge" when some channel of a pixel in its 3x3 neighbourhood differs from that
-    pixel's 3x3 mean by more than 0.05 (of the [-1, 1] range); those get ``1 + edge_weight``, the rest 1.
-    """
+def _near_edges(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) in {0, 1}: 1 where some channel of a pixel in the 3x3 neighbourhood differs from that
+    pixel's 3x3 mean by more than 0.05 (images x (B, 3, H, W) in [-1, 1])."""
     detail = (x - F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)).abs().amax(1, keepdim=True)
-    near = F.max_pool2d((detail > 0.05).float(), 3, 1, 1)  # (B, 1, H, W) in {0, 1}
+    return F.max_pool2d((detail > 0.05).float(), 3, 1, 1)
+
+
+def _edge_weights(x: torch.Tensor, edge_weight: float, x_hat: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, H, W), mean 1 per image: ``1 + edge_weight`` near the edges of the
+    target x (B, 3, H, W) in [-1, 1] or of the output ``x_hat``, 1 elsewhere.
+
+    Counting the output's edges too keeps the weighting neutral: weighting only the target's edges
+    would teach a code seen both on flat background and at an object's corner to draw a speck."""
+    near = _near_edges(x)
+    if x_hat is not None:
+        near = torch.maximum(near, _near_edges(x_hat.detach()))
     weights = 1 + edge_weight * near
     return weights / weights.mean(dim=(2, 3), keepdim=True)
 
@@ -106,11 +115,11 @@ def _edge_weights(x: torch.Tensor, edge_weight: float) -> torch.Tensor:
 def _reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor, edge_weight: float = 0.0,
                          per_image: bool = False) -> torch.Tensor:
     """L1 + MSE between the decoder output and the target, both (B, 3, H, W) in [-1, 1]; pixels near
-    edges weigh ``1 + edge_weight`` times more (see :func:`_edge_weights`). A scalar, or (B,) with
+    edges (of either image) weigh ``1 + edge_weight`` times more (see :func:`_edge_weights`). A scalar, or (B,) with
     ``per_image``."""
     diff = x_hat - x
     if edge_weight:
-        weights = _edge_weights(x, edge_weight)
+        weights = _edge_weights(x, edge_weight, x_hat)
         loss = (weights * diff.abs()).mean((1, 2, 3)) + (weights * diff.pow(2)).mean((1, 2, 3))
     else:
         loss = diff.abs().mean((1, 2, 3)) + diff.pow(2).mean((1, 2, 3))
