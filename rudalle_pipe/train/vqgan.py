@@ -23,10 +23,10 @@ steps train the decoder alone on the fixed codes (encoder and codebook frozen, s
 its codes), drawing the images in proportion to their reconstruction error, with a loss that weighs
 pixels near edges (of the target or of the output) ``1 + decoder_edge_weight`` times more than flat
 ones: the points of a small star are a few pixels of a 64 px picture, and a plain pixel loss is content
-to draw them as a pentagon. Codes unused for a while (an exponential
-moving average of assignments, a buffer saved with the checkpoints) are restarted on random encoder
-outputs of the current batch; that randomness comes from a generator seeded by the step, so a
-resumed run is identical to an uninterrupted one.
+to draw them as a pentagon. Codes unused for a while (an exponential moving average of assignments, a
+buffer saved with the checkpoints) are restarted on random encoder outputs of the current batch; that
+randomness comes from a generator seeded by the step, so a resumed run is identical to an
+uninterrupted one.
 """
 from __future__ import annotations
 
@@ -115,14 +115,11 @@ def _edge_weights(x: torch.Tensor, edge_weight: float, x_hat: torch.Tensor | Non
 def _reconstruction_loss(x_hat: torch.Tensor, x: torch.Tensor, edge_weight: float = 0.0,
                          per_image: bool = False) -> torch.Tensor:
     """L1 + MSE between the decoder output and the target, both (B, 3, H, W) in [-1, 1]; pixels near
-    edges (of either image) weigh ``1 + edge_weight`` times more (see :func:`_edge_weights`). A scalar, or (B,) with
-    ``per_image``."""
+    edges (of either image) weigh ``1 + edge_weight`` times more (see :func:`_edge_weights`).
+    Returns a scalar, or (B,) with ``per_image``."""
     diff = x_hat - x
-    if edge_weight:
-        weights = _edge_weights(x, edge_weight, x_hat)
-        loss = (weights * diff.abs()).mean((1, 2, 3)) + (weights * diff.pow(2)).mean((1, 2, 3))
-    else:
-        loss = diff.abs().mean((1, 2, 3)) + diff.pow(2).mean((1, 2, 3))
+    weights = _edge_weights(x, edge_weight, x_hat) if edge_weight else 1.0
+    loss = (weights * diff.abs()).mean((1, 2, 3)) + (weights * diff.pow(2)).mean((1, 2, 3))
     return loss if per_image else loss.mean()
 
 
