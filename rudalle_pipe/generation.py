@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .checks import check_count
 from .dalle import DalleModel, DalleOutput, uses_numpy_blas
 
 logger = logging.getLogger(__name__)
@@ -60,14 +61,6 @@ def check_sampling_args(*, top_k: int, top_p: float, temperature: float, vocab: 
         raise TypeError(f"temperature must be a float > 0, got {temperature!r} ({type(temperature).__name__})")
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-
-
-def check_count(name: str, value: int) -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``value`` is an int >= 1 (``name`` names it)."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int >= 1, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int, top_p: float, temperature: float = 1.0) -> torch.Tensor:
