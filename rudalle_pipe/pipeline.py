@@ -115,7 +115,7 @@ def resolve_pipeline(name: str, *, what: str = "pipeline") -> tuple[str, Optiona
     folder = local_folder(name, "pipeline.json", registered=[*bundled, *list_pretrained("dalle")], what=what)
     if folder is not None:
         if not (folder / "pipeline.json").is_file():
-            hint = "a folder without pipeline.json" if folder.is_dir() else "not an existing folder"
+            hint = "a directory without pipeline.json" if folder.is_dir() else "not an existing directory"
             raise ValueError(f"{what} {name!r} is a path, but {hint}: pass a folder written by save_pipeline, "
                              f"or one of the names {', '.join(list_pipelines())}")
         return "directory", folder
