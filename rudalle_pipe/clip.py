@@ -33,7 +33,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .files import atomic_directory, atomic_write, resolve_inside
-from .hub import WeightsNotFoundError, check_finite, download, read_json, snapshot_sandbox
+from .hub import (WeightsNotFoundError, check_finite, download, offline_if_unreachable, offline_reason,
+                  read_json, snapshot_sandbox)
 from .images import check_images
 
 logger = logging.getLogger(__name__)
@@ -271,7 +272,8 @@ def _fetch(name: str, kind: str, pretrained: str | None, cache_dir: str | None,
     return model_cfg
 
 
-def _hf_text_tower_override(model_cfg: dict[str, Any], cache_dir: str | None) -> dict[str, Any]:
+def _hf_text_tower_override(model_cfg: dict[str, Any], cache_dir: str | None, name: str = "",
+                            sandbox: str | os.PathLike | None = None) -> dict[str, Any]:
     """Point a Hugging Face text tower at a local copy of its ``config.json``.
 
     open_clip builds such towers (XLM-RoBERTa for the default model) with
@@ -280,12 +282,23 @@ def _hf_text_tower_override(model_cfg: dict[str, Any], cache_dir: str | None) ->
     come from the CLIP checkpoint (or stay random for ``pretrained=None``), never from the base
     model repo.
 
+    In the config of a ``local-dir:`` folder, ``hf_model_name`` is a Hub repo id or a folder inside
+    it (never an absolute path, ``..`` or a folder elsewhere).
+
     Returns:
         ``{"text_cfg": ...}`` keyword overrides for ``open_clip.create_model``, or ``{}``.
     """
     text_cfg = model_cfg.get("text_cfg", {})
     hf_name = text_cfg.get("hf_model_name")
-    if not hf_name or Path(hf_name).is_dir():
+    if not hf_name:
+        return {}
+    if name.startswith("local-dir:"):
+        folder, fence = _local_dir(name, sandbox)
+        inside = resolve_inside(folder, hf_name, what=f"{name!r}: open_clip_config.json text_cfg.hf_model_name",
+                                sandbox=fence)
+        if inside.is_dir():
+            return {"text_cfg": {**text_cfg, "hf_model_name": str(inside), "hf_model_pretrained": False}}
+    elif Path(hf_name).is_dir():
         return {}
     local_dir = download(hf_name, "config.json", cache_dir=cache_dir).parent
     return {"text_cfg": {**text_cfg, "hf_model_name": str(local_dir), "hf_model_pretrained": False}}
@@ -348,19 +361,23 @@ def get_clip(
         WeightsNotFoundError: the files are not cached and cannot be downloaded (offline); the
             message lists the ``hf download`` commands that fetch them.
     """
-    import open_clip
-
     kind, pretrained = _validate_source(name, pretrained)
     cache_dir = None if cache_dir is None else str(cache_dir)
+    with offline_if_unreachable():  # open_clip and transformers call huggingface_hub themselves
+        return _build(name, kind, pretrained, device=device, cache_dir=cache_dir, sandbox=sandbox)
+
+
+def _build(name: str, kind: str, pretrained: str | None, *, device, cache_dir: str | None, sandbox) -> ClipBundle:
+    """:func:`get_clip` after the arguments are checked: fetch, build, load, check."""
+    import open_clip
+
     model_cfg = None
     try:
         model_cfg = _fetch(name, kind, pretrained, cache_dir, sandbox)
-        overrides = _hf_text_tower_override(model_cfg, cache_dir)
+        overrides = _hf_text_tower_override(model_cfg, cache_dir, name, sandbox)
         tokenizer = _schema_tokenizer(name, cache_dir, sandbox) or open_clip.get_tokenizer(name, cache_dir=cache_dir)
     except OSError as err:
-        from huggingface_hub import constants
-
-        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+        reason = offline_reason()
         steps = "\n  ".join(_how_to_fetch(name, kind, pretrained, cache_dir, model_cfg))
         alternative = (
             ", or put the repo files in a folder and pass name='local-dir:<folder>'"

@@ -25,13 +25,14 @@ No function here lets huggingface_hub unpickle anything: its ``load_state_dict_f
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Iterator, Mapping, TypeVar
 
 import torch
 from torch import nn
@@ -54,6 +55,7 @@ __all__ = [
     "check_finite",
     "snapshot_sandbox",
     "hub_reachable",
+    "offline_if_unreachable",
     "MAX_JSON_BYTES",
 ]
 
@@ -68,11 +70,22 @@ class WeightsNotFoundError(FileNotFoundError):
     """A weights file is neither in the local cache nor downloadable (offline or no network)."""
 
 
+_forced_offline = False  # True inside offline_if_unreachable() when it switched huggingface_hub offline
+
+
+def offline_reason() -> str:
+    """Why a file that is not cached cannot be downloaded, for error messages."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE and not _forced_offline:
+        return "HF_HUB_OFFLINE is set"
+    return f"the Hub ({constants.ENDPOINT}) could not be reached"
+
+
 def _not_cached(repo_id: str, filename: str, cache_dir) -> WeightsNotFoundError:
     from huggingface_hub import constants
 
-    reason = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
-              else f"the Hub ({constants.ENDPOINT}) could not be reached")
+    reason = offline_reason()
     return WeightsNotFoundError(
         f"Need '{filename}' from the Hugging Face Hub repo '{repo_id}', but it is not in the "
         f"cache ({cache_dir or constants.HF_HUB_CACHE}) and {reason}. Fetch it on a machine with "
@@ -122,6 +135,24 @@ def hub_reachable() -> bool:
         logger.info("the Hub at %s did not answer within %.1f s; using the cache only", endpoint, PROBE_TIMEOUT_S)
     _probe_verdicts[endpoint] = (time.monotonic(), reachable)
     return reachable
+
+
+@contextlib.contextmanager
+def offline_if_unreachable() -> Iterator[None]:
+    """Run the block with huggingface_hub offline (as under ``HF_HUB_OFFLINE=1``) when the Hub does
+    not answer (:func:`hub_reachable`), so that code calling huggingface_hub itself (open_clip,
+    transformers) reads the cache at once instead of retrying for half a minute."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or hub_reachable():
+        yield
+        return
+    global _forced_offline
+    constants.HF_HUB_OFFLINE, _forced_offline = True, True  # read at call time by every allowed release
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, _forced_offline = False, False
 
 
 def download(

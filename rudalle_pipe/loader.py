@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from .dalle import DalleConfig, DalleModel, convert_rudalle_state_dict
-from .hub import WeightsNotFoundError, download, hub_reachable, load_state_dict_lazily, read_checkpoint
+from .hub import WeightsNotFoundError, download, load_state_dict_lazily, offline_if_unreachable, read_checkpoint
 from .registry import get_pretrained, list_pretrained, local_folder
 
 logger = logging.getLogger(__name__)
@@ -142,13 +142,10 @@ def _hub_repo_dir(repo_id: str, *, cache_dir, revision, token) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    from huggingface_hub import constants
-
-    local_only = bool(constants.HF_HUB_OFFLINE) or not hub_reachable()
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache_dir, revision=revision, token=token,
-                                      allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"],
-                                      local_files_only=local_only))
+        with offline_if_unreachable():
+            return Path(snapshot_download(repo_id, cache_dir=cache_dir, revision=revision, token=token,
+                                          allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]))
     except (LocalEntryNotFoundError, OSError) as err:
         raise WeightsNotFoundError(
             f"Need config.json and model*.safetensors of the Hub repo '{repo_id}', but they are not "

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -223,6 +222,16 @@ def test_clip_tokenizer_path_stays_inside(saved_pipe, tmp_path, entry):
     assert repr(entry) in str(err.value) and "root:" not in str(err.value)
 
 
+@pytest.mark.parametrize("hf_name", ["/etc", "../../outside"])
+def test_clip_text_tower_folder_stays_inside(saved_pipe, tmp_path, hf_name):
+    clip = copy_of(saved_pipe / "clip", tmp_path / "clip")
+    config = json.loads((clip / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["hf_model_name"] = hf_name
+    (clip / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsafePathError, match="hf_model_name"):
+        get_clip(f"local-dir:{clip}", None)
+
+
 def test_bpe_model_reads_are_bounded(tmp_path):
     huge = tmp_path / "huge.model"
     with open(huge, "wb") as f:
@@ -373,26 +382,47 @@ class _RefusingServer:
         self.sock.close()
 
 
-def test_offline_generate_fails_fast_with_one_line(tmp_path):
+def _offline_run(tmp_path: Path, body: str) -> tuple[subprocess.CompletedProcess, int]:
+    """Run ``body`` in a fresh interpreter whose Hub endpoint is a loopback server that refuses
+    every request, with an empty cache and HF_HUB_OFFLINE unset (huggingface_hub reads HF_ENDPOINT
+    at import). ``body`` runs after torch and the package are imported and prints its own duration
+    on stdout, so the bound measures the package, not the interpreter's start-up."""
     server = _RefusingServer()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.port}", HF_HUB_CACHE=str(tmp_path / "cache"),
                HF_HOME=str(tmp_path / "home"))
     (tmp_path / "cache").mkdir()
-    start = time.monotonic()
+    script = ("import sys, time\nimport torch, open_clip\nimport rudalle_pipe.cli, rudalle_pipe.clip\n"
+              "start = time.monotonic()\n" + body)
     try:
-        done = subprocess.run([sys.executable, "-m", "rudalle_pipe", "generate", "кот", "--model", "Malevich",
-                               "--out", str(tmp_path / "out")], cwd=REPO_ROOT, env=env, capture_output=True,
-                              text=True, timeout=120)
+        done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
     finally:
         server.close()
-    elapsed = time.monotonic() - start
+    return done, server.connections
+
+
+def test_offline_generate_fails_fast_with_one_line(tmp_path):
+    done, connections = _offline_run(tmp_path, (
+        f"code = rudalle_pipe.cli.main(['generate', 'кот', '--model', 'Malevich', '--out', {str(tmp_path / 'o')!r}])\n"
+        "print(time.monotonic() - start)\nsys.exit(code)"))
     assert done.returncode == EXIT_FAILURE, done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     assert "'bpe.model'" in done.stderr and "hf download shonenkov/rudalle-utils bpe.model" in done.stderr
     assert "could not be reached" in done.stderr
-    assert server.connections <= 2
-    assert elapsed < 5, f"{elapsed:.1f} s"
+    assert connections <= 2
+    assert float(done.stdout) < 5, done.stdout
+
+
+def test_offline_clip_fails_fast(tmp_path):
+    """open_clip and transformers call huggingface_hub themselves: they are switched to the cache too."""
+    done, connections = _offline_run(tmp_path, (
+        "try:\n    rudalle_pipe.clip.get_clip()\nexcept rudalle_pipe.hub.WeightsNotFoundError as err:\n"
+        "    print(time.monotonic() - start)\n    print(err, file=sys.stderr)\n"))
+    assert done.returncode == 0 and "could not be reached" in done.stderr, done.stderr
+    assert "hf download laion/CLIP-ViT-B-32-xlm-roberta-base-laion5B-s13B-b90k" in done.stderr
+    assert connections <= 2
+    assert float(done.stdout.splitlines()[0]) < 5, done.stdout
 
 
 # ------------------------------------------------------------------------- atomic saves
