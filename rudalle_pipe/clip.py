@@ -130,6 +130,17 @@ def _local_dir(name: str, sandbox: str | os.PathLike | None) -> tuple[Path, Path
     return folder, (Path(sandbox) if sandbox is not None else snapshot_sandbox(folder))
 
 
+def _local_config(name: str, sandbox: str | os.PathLike | None) -> dict[str, Any]:
+    """The ``open_clip_config.json`` of a ``local-dir:`` folder, read bounded and inside the folder
+    (before open_clip reads it)."""
+    folder, fence = _local_dir(name, sandbox)
+    config = read_json(resolve_inside(folder, "open_clip_config.json", what=name, sandbox=fence),
+                       what="open_clip config")
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise ValueError(f"{folder / 'open_clip_config.json'} has no 'model_cfg' object")
+    return config
+
+
 def _schema_tokenizer(name: str, cache_dir: str | None, sandbox: str | os.PathLike | None = None
                       ) -> YTTMClipTokenizer | None:
     """The YTTM tokenizer named by a schema name's ``open_clip_config.json``, or None if it names none.
@@ -138,8 +149,7 @@ def _schema_tokenizer(name: str, cache_dir: str | None, sandbox: str | os.PathLi
     error names the entry, never the contents of any file."""
     if name.startswith("local-dir:"):
         folder, fence = _local_dir(name, sandbox)
-        config = read_json(resolve_inside(folder, "open_clip_config.json", what=name, sandbox=fence),
-                           what="open_clip config")
+        config = _local_config(name, sandbox)
     elif name.startswith("hf-hub:"):
         repo_id = name[len("hf-hub:"):]
         config_path = download(repo_id, "open_clip_config.json", cache_dir=cache_dir)
@@ -257,13 +267,8 @@ def _fetch(name: str, kind: str, pretrained: str | None, cache_dir: str | None,
         except FileNotFoundError as err:  # open_clip's message hides the hub error type; keep it
             raise FileNotFoundError(f"no open_clip weights in {name!r}: {err}") from err
         return config["model_cfg"]
-    if name.startswith("local-dir:"):  # read here, bounded and inside the folder, before open_clip reads it
-        folder, fence = _local_dir(name, sandbox)
-        config = read_json(resolve_inside(folder, "open_clip_config.json", what=name, sandbox=fence),
-                           what="open_clip config")
-        if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
-            raise ValueError(f"{folder / 'open_clip_config.json'} has no 'model_cfg' object")
-        return config["model_cfg"]
+    if name.startswith("local-dir:"):
+        return _local_config(name, sandbox)["model_cfg"]
     if kind == "tag":
         download_pretrained(open_clip.get_pretrained_cfg(name, pretrained), cache_dir=cache_dir)
     model_cfg = open_clip.get_model_config(name)  # built-in: no download

@@ -389,23 +389,26 @@ def snapshot_sandbox(directory: str | os.PathLike) -> Path:
     """The folder that symlinks inside ``directory`` may point into.
 
     For a Hugging Face cache snapshot (``.../models--org--name/snapshots/<commit>``, whose files link
-    to ``../../blobs/``) that is the repo's cache folder; for any other folder, the folder itself.
+    to ``../../blobs/``) or a folder in one, that is the repo's cache folder; for any other folder,
+    the folder itself.
     """
     directory = Path(directory)
-    resolved = directory.resolve()
-    parent = resolved.parent
-    if parent.name == "snapshots" and parent.parent.name.startswith(("models--", "datasets--", "spaces--")):
-        return parent.parent
+    for folder in (resolved := directory.resolve(), *resolved.parents):  # also a subfolder of a snapshot
+        parent = folder.parent
+        if parent.name == "snapshots" and parent.parent.name.startswith(("models--", "datasets--", "spaces--")):
+            return parent.parent
     return directory
 
 
-def read_config(directory: str | os.PathLike, config_cls: type, *, model_type: str, **overrides: Any) -> Any:
-    """The ``config_cls`` stored in ``directory/config.json`` by :func:`save_pretrained`."""
+def read_config(directory: str | os.PathLike, config_cls: type, *, model_type: str,
+                sandbox: str | os.PathLike | None = None, **overrides: Any) -> Any:
+    """The ``config_cls`` stored in ``directory/config.json`` by :func:`save_pretrained` (read
+    bounded, and only if it resolves inside ``sandbox``, default :func:`snapshot_sandbox`)."""
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no config.json in {path.parent}: not a saved {model_type} model")
     path = resolve_inside(directory, "config.json", what=f"{model_type} model folder",
-                          sandbox=snapshot_sandbox(directory))
+                          sandbox=snapshot_sandbox(directory) if sandbox is None else sandbox)
     raw = read_json(path, what="model config")
     if not isinstance(raw, dict):
         raise ValueError(f"{path} holds a JSON {type(raw).__name__}, not an object: not a saved {model_type} model")
@@ -465,7 +468,7 @@ def load_pretrained(
     folder itself, or the repo cache folder for a Hugging Face cache snapshot.
     """
     directory = Path(directory)
-    config = read_config(directory, config_cls, model_type=model_type, **overrides)
+    config = read_config(directory, config_cls, model_type=model_type, sandbox=sandbox, **overrides)
     state_dict: dict[str, torch.Tensor] = {}
     for path in weight_files(directory, sandbox=sandbox):
         state_dict.update(read_checkpoint(path))

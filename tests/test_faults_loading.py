@@ -275,10 +275,12 @@ def _blob_cache(cache: Path, repo_id: str, folder: Path) -> Path:
     (repo / "refs" / "main").write_text(commit)
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
-    for i, file in enumerate(sorted(folder.iterdir())):
+    for i, file in enumerate(sorted(p for p in folder.rglob("*") if p.is_file())):
         blob = repo / "blobs" / f"{i:064x}"
         shutil.copy(file, blob)
-        (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
+        link = snapshot / file.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(Path(*[".."] * (len(link.relative_to(snapshot).parts) + 1), "blobs", blob.name))
     return snapshot
 
 
@@ -293,6 +295,19 @@ def test_hub_snapshot_with_blob_links_loads_but_links_out_are_refused(offline_hu
     (snapshot / shard).symlink_to(tmp_path / "outside.safetensors")
     with pytest.raises(UnsafePathError, match=repr(shard)):
         get_rudalle_model("hf-hub:someone/tiny-dalle")
+
+
+def test_pipeline_in_a_hub_snapshot_loads(saved_pipe, tmp_path):
+    snapshot = _blob_cache(tmp_path / "cache", "someone/tiny-pipeline", saved_pipe)
+    assert (snapshot / "dalle" / "config.json").is_symlink()
+    loaded = load_pipeline(str(snapshot))
+    assert loaded.name == "tiny" and loaded.clip is not None and loaded.upscaler is not None
+    link = snapshot / "vae" / "model.safetensors"  # now a link out of the repo's cache folder
+    shutil.copy(link, tmp_path / "outside.safetensors")
+    link.unlink()
+    link.symlink_to(tmp_path / "outside.safetensors")
+    with pytest.raises(UnsafePathError, match="'model.safetensors'"):
+        load_pipeline(str(snapshot))
 
 
 # -------------------------------------------------------------------- case 6: NaN/inf refused
