@@ -494,3 +494,43 @@ def test_save_pipeline_is_atomic_at_every_write(fixtures_dir, tmp_path, monkeypa
         shutil.rmtree(target)
     loaded = load_pipeline(str(tmp_path / "reference"))
     assert all(torch.equal(a, b) for a, b in zip(loaded.dalle.state_dict().values(), pipe.dalle.state_dict().values()))
+
+
+def _save_clip(pipe, target: Path) -> None:
+    from rudalle_pipe.clip import save_clip
+
+    save_clip(pipe.clip, target)
+
+
+@pytest.mark.parametrize("save", [
+    lambda pipe, target: pipe.dalle.save_pretrained(target, max_shard_size="20KB"),
+    _save_clip,
+    lambda pipe, target: pipe.tokenizer.save(target),
+], ids=["save_pretrained", "save_clip", "tokenizer"])
+def test_each_save_is_atomic_on_its_own(fixtures_dir, tmp_path, monkeypatch, save):
+    """save_pretrained (used by finetune too), save_clip and the BPE writer, each at every write:
+    the target is absent (or, for a file, the previous one) or complete, and a rerun is identical."""
+    pipe = tiny_pipeline(fixtures_dir, tmp_path, upscaler=False)
+    with monkeypatch.context() as m:
+        counter = _Faults(m, None, None)
+        save(pipe, tmp_path / "reference")
+    snapshot = (lambda p: _tree(p) if p.is_dir() else p.read_bytes())
+    reference, writes = snapshot(tmp_path / "reference"), counter.count
+    assert writes >= 2  # at least an fsync and a rename: written under a temporary name, then renamed
+    for n in range(1, writes + 1):
+        target = tmp_path / f"run{n}"
+        if not (tmp_path / "reference").is_dir():
+            target.write_bytes(b"previous")
+        with monkeypatch.context() as m:
+            _Faults(m, n, KeyboardInterrupt())
+            try:
+                save(pipe, target)
+            except KeyboardInterrupt:
+                pass
+        assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")], n
+        if target.is_file():
+            assert target.read_bytes() in (b"previous", reference), n
+            save(pipe, target)
+        elif not target.exists():
+            save(pipe, target)
+        assert snapshot(target) == reference, n
