@@ -4,7 +4,10 @@ Everything that touches the network or unpickles weights goes through this modul
 
 * :func:`download` wraps :func:`huggingface_hub.hf_hub_download` (default cache, ``cache_dir``,
   ``revision``, ``token``, ``HF_HUB_OFFLINE``) and turns "not cached and no network" into an error
-  that names the wanted file and says how to get it.
+  that names the wanted file and says how to get it. One probe request (:func:`hub_reachable`,
+  :data:`PROBE_TIMEOUT_S`) decides whether the Hub answers; if not, only the cache is read, so an
+  offline machine gets that error in seconds, not after huggingface_hub's half-minute of retries
+  (:func:`offline_if_unreachable` does the same for open_clip and transformers).
 * :func:`read_checkpoint` opens ``.safetensors`` or ``torch.save`` files with
   ``weights_only=True`` (never an unsafe unpickle), memory-mapped where the format allows, and turns
   truncated or corrupt files into a clear ``ValueError``.
@@ -56,7 +59,9 @@ __all__ = [
     "snapshot_sandbox",
     "hub_reachable",
     "offline_if_unreachable",
+    "offline_reason",
     "MAX_JSON_BYTES",
+    "PROBE_TIMEOUT_S",
 ]
 
 MAX_JSON_BYTES = 8 * 2**20  # config.json, model.safetensors.index.json, pipeline.json, open_clip_config.json

@@ -371,6 +371,8 @@ def test_a_local_generator_folder_wins_over_a_preset(offline_hub, tmp_path, monk
     with caplog.at_level("WARNING", logger="rudalle_pipe"):
         model = get_rudalle_model("Malevich")
     assert model.config == tiny_dalle().config and "using the folder" in caplog.text
+    with pytest.raises(ValueError, match="saved model folder"):  # not silently ignored
+        get_rudalle_model("./Malevich", pretrained=False)
 
 
 # ---------------------------------------------------------------------- case 9: offline is fast
