@@ -473,10 +473,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.WARNING)
     package_logger.propagate = False  # a root handler (open_clip's logging.info() installs one) would repeat them
+    hub_logger = logging.getLogger("huggingface_hub")  # its retry/warning lines would bury our one-line error
+    old_hub_level = hub_logger.level
+    hub_logger.setLevel(logging.CRITICAL)
     try:
         args = build_parser().parse_args(argv)
         if args.verbose:
             package_logger.setLevel(logging.INFO)
+            hub_logger.setLevel(old_hub_level)
         return args.func(args)
     except SystemExit as exit_:  # --help / --version
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
@@ -495,3 +499,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         package_logger.removeHandler(handler)
         package_logger.setLevel(old_level)
         package_logger.propagate = old_propagate
+        hub_logger.setLevel(old_hub_level)

@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .hub import WeightsNotFoundError, download
+from .files import atomic_directory, atomic_write, resolve_inside
+from .hub import (WeightsNotFoundError, check_finite, download, offline_if_unreachable, offline_reason,
+                  read_json, snapshot_sandbox)
 from .images import check_images
 
 logger = logging.getLogger(__name__)
@@ -122,30 +124,70 @@ class YTTMClipTokenizer:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, context_length={self.context_length})"
 
 
-def _schema_tokenizer(name: str, cache_dir: str | None) -> YTTMClipTokenizer | None:
-    """The YTTM tokenizer named by a schema name's ``open_clip_config.json``, or None if it names none."""
+def _local_dir(name: str, sandbox: str | os.PathLike | None) -> tuple[Path, Path]:
+    """``(folder, sandbox)`` of a ``local-dir:`` name; the sandbox defaults to :func:`snapshot_sandbox`."""
+    folder = Path(name[len("local-dir:"):])
+    return folder, (Path(sandbox) if sandbox is not None else snapshot_sandbox(folder))
+
+
+def _local_config(name: str, sandbox: str | os.PathLike | None) -> dict[str, Any]:
+    """The ``open_clip_config.json`` of a ``local-dir:`` folder, read bounded and inside the folder
+    (before open_clip reads it)."""
+    folder, fence = _local_dir(name, sandbox)
+    config = read_json(resolve_inside(folder, "open_clip_config.json", what=name, sandbox=fence),
+                       what="open_clip config")
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise ValueError(f"{folder / 'open_clip_config.json'} has no 'model_cfg' object")
+    return config
+
+
+def _schema_tokenizer(name: str, cache_dir: str | None, sandbox: str | os.PathLike | None = None
+                      ) -> YTTMClipTokenizer | None:
+    """The YTTM tokenizer named by a schema name's ``open_clip_config.json``, or None if it names none.
+
+    The named file must stay inside the folder (no absolute path, no ``..``, no symlink out); the
+    error names the entry, never the contents of any file."""
     if name.startswith("local-dir:"):
-        folder = Path(name[len("local-dir:"):])
-        config = json.loads((folder / "open_clip_config.json").read_text("utf-8"))
+        folder, fence = _local_dir(name, sandbox)
+        config = _local_config(name, sandbox)
     elif name.startswith("hf-hub:"):
         repo_id = name[len("hf-hub:"):]
-        config = json.loads(download(repo_id, "open_clip_config.json", cache_dir=cache_dir).read_text("utf-8"))
+        config_path = download(repo_id, "open_clip_config.json", cache_dir=cache_dir)
+        folder, fence = config_path.parent, snapshot_sandbox(config_path.parent)
+        config = read_json(config_path, what="open_clip config")
     else:
         return None
-    entry = config.get(_CONFIG_KEY)
+    entry = config.get(_CONFIG_KEY) if isinstance(config, dict) else None
     if entry is None:
         return None
     if not isinstance(entry, dict) or not isinstance(entry.get("tokenizer"), str):
         raise ValueError(f"{name!r}: open_clip_config.json entry {_CONFIG_KEY!r} must be "
-                         f'{{"tokenizer": "bpe.model", "context_length": N}}, got {entry!r}')
+                         f'{{"tokenizer": "bpe.model", "context_length": N}}')
     context_length = entry.get("context_length", config["model_cfg"]["text_cfg"].get("context_length"))
-    if name.startswith("local-dir:"):
-        path = folder / entry["tokenizer"]
-        if not path.is_file():
-            raise ValueError(f"{name!r}: the tokenizer file {path} named in open_clip_config.json does not exist")
-    else:
-        path = download(name[len("hf-hub:"):], entry["tokenizer"], cache_dir=cache_dir)
+    what = f"{name!r}: open_clip_config.json entry {_CONFIG_KEY!r}"
+    path = resolve_inside(folder, entry["tokenizer"], what=what, sandbox=fence)  # refuses before any download
+    if name.startswith("hf-hub:"):
+        download(name[len("hf-hub:"):], entry["tokenizer"], cache_dir=cache_dir)
+        path = resolve_inside(folder, entry["tokenizer"], what=what, sandbox=fence)
+    if not path.is_file():
+        raise ValueError(f"{what}: the tokenizer file {entry['tokenizer']!r} does not exist in {folder}")
     return YTTMClipTokenizer.from_file(path, context_length)
+
+
+# open_clip's preference among the weights of a local-dir: folder; other names are not loaded
+_LOCAL_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
+                  "open_clip_pytorch_model.pth", "model.safetensors", "pytorch_model.bin", "pytorch_model.pth",
+                  "model.pth")
+
+
+def _local_weights(name: str, sandbox: str | os.PathLike | None) -> Path:
+    """The weights file of a ``local-dir:`` folder (open_clip's preferred names, first found),
+    resolved inside the folder."""
+    folder, fence = _local_dir(name, sandbox)
+    for candidate in _LOCAL_WEIGHTS:
+        if (folder / candidate).exists() or (folder / candidate).is_symlink():
+            return resolve_inside(folder, candidate, what=name, sandbox=fence)
+    raise ValueError(f"{name!r}: no CLIP weights in {folder}; expected one of {', '.join(_LOCAL_WEIGHTS)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +214,7 @@ def _validate_source(name: str, pretrained: str | None) -> tuple[str, str | None
         target = name.split(":", 1)[1]
         if not target:
             raise ValueError(f"name {name!r} has an empty repo id / folder after the prefix")
-        if name.startswith("local-dir:") and not (Path(target) / "open_clip_config.json").is_file():
+        if name.startswith("local-dir:") and not (Path(target) / "open_clip_config.json").exists():
             raise ValueError(f"name {name!r}: {Path(target) / 'open_clip_config.json'} does not exist")
         if pretrained not in (None, DEFAULT_CLIP_PRETRAINED):
             raise ValueError(
@@ -203,7 +245,8 @@ def _validate_source(name: str, pretrained: str | None) -> tuple[str, str | None
     )
 
 
-def _fetch(name: str, kind: str, pretrained: str | None, cache_dir: str | None) -> dict[str, Any]:
+def _fetch(name: str, kind: str, pretrained: str | None, cache_dir: str | None,
+           sandbox: str | os.PathLike | None = None) -> dict[str, Any]:
     """Make sure the config and weights are on disk (in ``cache_dir``); return the model config.
 
     open_clip itself only *warns* when an ``hf-hub:`` repo has no weights and silently builds a
@@ -214,7 +257,9 @@ def _fetch(name: str, kind: str, pretrained: str | None, cache_dir: str | None) 
 
     if name.startswith("hf-hub:"):
         repo_id = name[len("hf-hub:"):]
-        config = json.loads(download(repo_id, "open_clip_config.json", cache_dir=cache_dir).read_text("utf-8"))
+        config = read_json(download(repo_id, "open_clip_config.json", cache_dir=cache_dir), what="open_clip config")
+        if not isinstance(config, dict):
+            raise ValueError(f"open_clip_config.json of {name!r} is not a JSON object")
         if "model_cfg" not in config:
             raise ValueError(f"open_clip_config.json of {name!r} has no 'model_cfg' entry")
         try:  # tries open_clip_model.safetensors, then open_clip_pytorch_model.bin
@@ -222,15 +267,18 @@ def _fetch(name: str, kind: str, pretrained: str | None, cache_dir: str | None) 
         except FileNotFoundError as err:  # open_clip's message hides the hub error type; keep it
             raise FileNotFoundError(f"no open_clip weights in {name!r}: {err}") from err
         return config["model_cfg"]
+    if name.startswith("local-dir:"):
+        return _local_config(name, sandbox)["model_cfg"]
     if kind == "tag":
         download_pretrained(open_clip.get_pretrained_cfg(name, pretrained), cache_dir=cache_dir)
-    model_cfg = open_clip.get_model_config(name)  # built-in or local-dir: no download
+    model_cfg = open_clip.get_model_config(name)  # built-in: no download
     if model_cfg is None:
         raise ValueError(f"no open_clip config found for {name!r}")
     return model_cfg
 
 
-def _hf_text_tower_override(model_cfg: dict[str, Any], cache_dir: str | None) -> dict[str, Any]:
+def _hf_text_tower_override(model_cfg: dict[str, Any], cache_dir: str | None, name: str = "",
+                            sandbox: str | os.PathLike | None = None) -> dict[str, Any]:
     """Point a Hugging Face text tower at a local copy of its ``config.json``.
 
     open_clip builds such towers (XLM-RoBERTa for the default model) with
@@ -239,12 +287,23 @@ def _hf_text_tower_override(model_cfg: dict[str, Any], cache_dir: str | None) ->
     come from the CLIP checkpoint (or stay random for ``pretrained=None``), never from the base
     model repo.
 
+    In the config of a ``local-dir:`` folder, ``hf_model_name`` is a Hub repo id or a folder inside
+    it (never an absolute path, ``..`` or a folder elsewhere).
+
     Returns:
         ``{"text_cfg": ...}`` keyword overrides for ``open_clip.create_model``, or ``{}``.
     """
     text_cfg = model_cfg.get("text_cfg", {})
     hf_name = text_cfg.get("hf_model_name")
-    if not hf_name or Path(hf_name).is_dir():
+    if not hf_name:
+        return {}
+    if name.startswith("local-dir:"):
+        folder, fence = _local_dir(name, sandbox)
+        inside = resolve_inside(folder, hf_name, what=f"{name!r}: open_clip_config.json text_cfg.hf_model_name",
+                                sandbox=fence)
+        if inside.is_dir():
+            return {"text_cfg": {**text_cfg, "hf_model_name": str(inside), "hf_model_pretrained": False}}
+    elif Path(hf_name).is_dir():
         return {}
     local_dir = download(hf_name, "config.json", cache_dir=cache_dir).parent
     return {"text_cfg": {**text_cfg, "hf_model_name": str(local_dir), "hf_model_pretrained": False}}
@@ -282,8 +341,13 @@ def get_clip(
     *,
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike | None = None,
+    sandbox: str | os.PathLike | None = None,
 ) -> ClipBundle:
     """Build an open_clip model, its eval transform and tokenizer, in eval mode on ``device``.
+
+    Weights are never unpickled unsafely (``weights_only=True`` on every path, also with the oldest
+    open_clip that setup.cfg allows), and a tensor holding NaN/inf is refused by name. A
+    ``local-dir:`` folder is a sandbox: its config, tokenizer and weights must resolve inside it.
 
     Args:
         name: an open_clip architecture (``open_clip.list_models()``), ``"hf-hub:org/repo"`` (a
@@ -294,25 +358,31 @@ def get_clip(
             training). Schema names carry their own weights and take None or the default.
         device: where the model lives; weights stay fp32.
         cache_dir: Hugging Face cache folder for every download (default: the HF cache).
+        sandbox: for ``local-dir:`` names, the folder its files may resolve into through symlinks
+            (default: the folder itself, or the repo folder of a Hugging Face cache snapshot).
 
     Raises:
         ValueError: unknown model name or tag, or a local checkpoint that does not fit ``name``.
         WeightsNotFoundError: the files are not cached and cannot be downloaded (offline); the
             message lists the ``hf download`` commands that fetch them.
     """
-    import open_clip
-
     kind, pretrained = _validate_source(name, pretrained)
     cache_dir = None if cache_dir is None else str(cache_dir)
+    with offline_if_unreachable():  # open_clip and transformers call huggingface_hub themselves
+        return _build(name, kind, pretrained, device=device, cache_dir=cache_dir, sandbox=sandbox)
+
+
+def _build(name: str, kind: str, pretrained: str | None, *, device, cache_dir: str | None, sandbox) -> ClipBundle:
+    """:func:`get_clip` after the arguments are checked: fetch, build, load, check."""
+    import open_clip
+
     model_cfg = None
     try:
-        model_cfg = _fetch(name, kind, pretrained, cache_dir)
-        overrides = _hf_text_tower_override(model_cfg, cache_dir)
-        tokenizer = _schema_tokenizer(name, cache_dir) or open_clip.get_tokenizer(name, cache_dir=cache_dir)
+        model_cfg = _fetch(name, kind, pretrained, cache_dir, sandbox)
+        overrides = _hf_text_tower_override(model_cfg, cache_dir, name, sandbox)
+        tokenizer = _schema_tokenizer(name, cache_dir, sandbox) or open_clip.get_tokenizer(name, cache_dir=cache_dir)
     except OSError as err:
-        from huggingface_hub import constants
-
-        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
+        reason = offline_reason()
         steps = "\n  ".join(_how_to_fetch(name, kind, pretrained, cache_dir, model_cfg))
         alternative = (
             ", or put the repo files in a folder and pass name='local-dir:<folder>'"
@@ -327,23 +397,31 @@ def get_clip(
 
     if kind == "random":
         logger.warning("CLIP %s built with random weights (pretrained=None)", name)
+    local = _local_weights(name, sandbox) if name.startswith("local-dir:") else None
+    what = str(local or pretrained or name)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name,
             pretrained,
+            load_weights=local is None,  # a local-dir: checkpoint is loaded below, from the file chosen here
             device=device,
             cache_dir=cache_dir,
             pretrained_text=False,  # never fetch base text-tower weights; the CLIP checkpoint has them
-            require_pretrained=kind != "random",
+            require_pretrained=kind != "random" and local is None,
+            weights_only=True,
             **overrides,
         )
+        if local is not None:
+            open_clip.load_checkpoint(model, str(local), strict=True, weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the checkpoint and architecture named
-        if kind == "file" or name.startswith("local-dir:"):
+        if kind == "file" or local is not None:
             raise ValueError(
-                f"could not load the CLIP checkpoint {pretrained or name!r} into architecture "
+                f"could not load the CLIP checkpoint {what!r} into architecture "
                 f"{name!r}: {type(err).__name__}: {err}"
             ) from err
         raise
+    for key, tensor in model.state_dict().items():
+        check_finite(key, tensor, what=what)
     model.eval()
     logger.info("loaded CLIP %s (pretrained=%s) on %s", name, pretrained, device)
     return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, name=name, pretrained=pretrained,
@@ -369,8 +447,10 @@ def save_clip(
         dtype: cast floating-point weights to this (e.g. ``torch.float16`` to halve the file);
             :func:`get_clip` loads them back into an fp32 model. Default: keep them as they are.
 
+    The folder is written atomically (built under a temporary name, renamed when complete).
+
     Raises:
-        FileExistsError: ``directory`` already holds an ``open_clip_config.json``.
+        FileExistsError: ``directory`` exists and is not empty.
         ValueError: no model config is known for ``bundle``.
     """
     import open_clip
@@ -379,8 +459,9 @@ def save_clip(
     if not isinstance(bundle, ClipBundle):
         raise TypeError(f"bundle must be a ClipBundle, got {type(bundle).__name__}")
     directory = Path(directory)
-    if (directory / "open_clip_config.json").exists():
-        raise FileExistsError(f"{directory} already holds a saved CLIP; choose an empty directory")
+    if directory.exists() and not (directory.is_dir() and not any(directory.iterdir())):
+        raise FileExistsError(f"{directory} exists and is not empty (it may hold a saved CLIP); "
+                              "choose a new or empty directory")
     model_cfg = model_cfg or bundle.model_cfg or open_clip.get_model_config(bundle.name)
     if model_cfg is None:
         raise ValueError(f"open_clip does not know the architecture {bundle.name!r}; pass model_cfg=")
@@ -393,14 +474,14 @@ def save_clip(
         std=list(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD),
     )
     config: dict[str, Any] = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
-    directory.mkdir(parents=True, exist_ok=True)
-    if isinstance(bundle.tokenizer, YTTMClipTokenizer):
-        bundle.tokenizer.bpe.save(directory / "bpe.model")
-        config[_CONFIG_KEY] = {"tokenizer": "bpe.model", "context_length": bundle.tokenizer.context_length}
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
              for k, v in bundle.model.state_dict().items()}
-    save_file(state, str(directory / "open_clip_model.safetensors"))
-    (directory / "open_clip_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    with atomic_directory(directory) as tmp:
+        if isinstance(bundle.tokenizer, YTTMClipTokenizer):
+            bundle.tokenizer.bpe.save(tmp / "bpe.model")
+            config[_CONFIG_KEY] = {"tokenizer": "bpe.model", "context_length": bundle.tokenizer.context_length}
+        save_file(state, str(tmp / "open_clip_model.safetensors"))  # in place, inside the temporary folder
+        atomic_write(tmp / "open_clip_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return directory
 
 

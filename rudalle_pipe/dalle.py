@@ -426,7 +426,8 @@ class DalleModel(nn.Module):
     # ------------------------------------------------------------------ saving / loading
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
         """Write ``config.json`` and ``model.safetensors`` (sharded with an index above
-        ``max_shard_size``) in the Hugging Face layout. Refuses to overwrite existing weights."""
+        ``max_shard_size``) in the Hugging Face layout, atomically (see
+        :func:`rudalle_pipe.hub.save_pretrained`). Refuses a folder that exists and is not empty."""
         from .hub import save_pretrained
 
         save_pretrained(self, self.config, save_directory, model_type="rudalle", max_shard_size=max_shard_size)
@@ -447,13 +448,15 @@ class DalleModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, device="cpu", dtype=torch.float32,
-                        **config_overrides) -> "DalleModel":
+                        sandbox: str | os.PathLike | None = None, **config_overrides) -> "DalleModel":
         """Load a model saved by :meth:`save_pretrained` from a local directory, on the meta device
-        first so the weights are materialised once."""
+        first so the weights are materialised once. Only ``.safetensors`` files inside the folder (or
+        inside ``sandbox``, see :func:`rudalle_pipe.hub.load_pretrained`) are read; NaN/inf weights are
+        refused by name."""
         from .hub import load_pretrained
 
         return load_pretrained(cls, DalleConfig, directory, model_type="rudalle", device=device, dtype=dtype,
-                               **config_overrides)
+                               sandbox=sandbox, **config_overrides)
 
 
 def convert_rudalle_state_dict(raw: dict[str, torch.Tensor], config: DalleConfig) -> dict[str, torch.Tensor]:

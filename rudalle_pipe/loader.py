@@ -16,8 +16,8 @@ from typing import Any, Optional
 import torch
 
 from .dalle import DalleConfig, DalleModel, convert_rudalle_state_dict
-from .hub import WeightsNotFoundError, download, load_state_dict_lazily, read_checkpoint
-from .registry import get_pretrained, list_pretrained
+from .hub import WeightsNotFoundError, download, load_state_dict_lazily, offline_if_unreachable, read_checkpoint
+from .registry import get_pretrained, list_pretrained, local_folder
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +143,9 @@ def _hub_repo_dir(repo_id: str, *, cache_dir, revision, token) -> Path:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache_dir, revision=revision, token=token,
-                                      allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]))
+        with offline_if_unreachable():
+            return Path(snapshot_download(repo_id, cache_dir=cache_dir, revision=revision, token=token,
+                                          allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json"]))
     except (LocalEntryNotFoundError, OSError) as err:
         raise WeightsNotFoundError(
             f"Need config.json and model*.safetensors of the Hub repo '{repo_id}', but they are not "
@@ -171,6 +172,8 @@ def get_rudalle_model(
         name: a preset (``Malevich``, ``Malevich_v2``, ``Emojich``, ``Surrealist_XL``,
             ``Kandinsky``; see :func:`rudalle_pipe.list_pretrained`), a local directory written by
             :meth:`DalleModel.save_pretrained`, or ``"hf-hub:org/repo"`` for such a directory on the Hub.
+            A path (``./Malevich``, any name with a separator, or an existing folder holding
+            ``config.json``) wins over a preset of the same name, with a warning.
         pretrained: load weights; ``False`` builds the preset with random weights (no download).
         checkpoint_path: a local file in the original layout (fp16 state dict, mask buffers under
             ``transformer.`` or at top level) or a saved directory; skips the download.
@@ -189,8 +192,15 @@ def get_rudalle_model(
     if name.startswith(HF_HUB_PREFIX):
         repo = _hub_repo_dir(name[len(HF_HUB_PREFIX):], cache_dir=cache_dir, revision=revision, token=token)
         return DalleModel.from_pretrained(repo, device=device, dtype=dtype, **config_overrides)
-    if Path(name).is_dir() and name not in list_pretrained("dalle"):
-        return DalleModel.from_pretrained(name, device=device, dtype=dtype, **config_overrides)
+    presets = list_pretrained("dalle")
+    folder = local_folder(name, "config.json", registered=presets, what="generator preset")
+    if folder is None and Path(name).is_dir() and name not in presets:
+        folder = Path(name)  # a folder without config.json: from_pretrained says what is missing
+    if folder is not None:
+        if checkpoint_path is not None or not pretrained:
+            raise ValueError(f"{name!r} is a saved model folder; checkpoint_path= and pretrained=False apply "
+                             "only to presets")
+        return DalleModel.from_pretrained(folder, device=device, dtype=dtype, **config_overrides)
     entry = get_pretrained(name, "dalle")
     config = apply_overrides(DalleConfig(**entry.config), config_overrides)
     if not pretrained:

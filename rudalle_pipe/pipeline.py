@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from .dalle import DalleModel
-from .hub import load_pretrained, save_pretrained
-from .registry import list_pretrained
+from .files import atomic_directory, atomic_write, resolve_inside
+from .hub import load_pretrained, read_json, save_pretrained, snapshot_sandbox
+from .registry import list_pretrained, local_folder
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +102,25 @@ def load_pipeline(
 def resolve_pipeline(name: str, *, what: str = "pipeline") -> tuple[str, Optional[Path]]:
     """Where ``name`` points, without loading anything: ``("bundled", dir)``, ``("directory", dir)``
     or ``("hub", None)`` for a generator preset. ``ValueError`` (calling it a ``what``) listing the
-    valid names otherwise."""
+    valid names otherwise.
+
+    An explicit path wins over a bundled pipeline or Hub preset of the same name: ``./demo``, any
+    name with a path separator, or an existing folder holding ``pipeline.json`` (a warning says so
+    when a bundled or Hub name is shadowed). ``save_pipeline(p, "demo")`` then
+    ``load_pipeline("demo")`` loads ``./demo``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} must be a non-empty name or path, got {name!r}")
     bundled = _bundled()
+    folder = local_folder(name, "pipeline.json", registered=[*bundled, *list_pretrained("dalle")], what=what)
+    if folder is not None:
+        if not (folder / "pipeline.json").is_file():
+            hint = "a directory without pipeline.json" if folder.is_dir() else "not an existing directory"
+            raise ValueError(f"{what} {name!r} is a path, but {hint}: pass a folder written by save_pipeline, "
+                             f"or one of the names {', '.join(list_pipelines())}")
+        return "directory", folder
     if name in bundled:
         return "bundled", bundled[name]
-    if (Path(name) / "pipeline.json").is_file():
-        return "directory", Path(name)
     if name in list_pretrained("dalle"):
         return "hub", None
     hint = f" ({name} is a directory without pipeline.json)" if Path(name).is_dir() else ""
@@ -137,50 +151,66 @@ def _load_hub(name: str, *, device, dtype, cache_dir, clip: bool, upscaler: bool
 
 
 def _load_dir(directory: Path, name: str, *, device, dtype, clip: bool, upscaler: bool) -> Pipeline:
+    """Load a pipeline folder; every file it holds must resolve inside it (symlinks included)."""
     from .tokenizer import YTTMTokenizer
     from .vae import VQGAN, VQGANConfig
 
-    meta = json.loads((directory / "pipeline.json").read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory / 'pipeline.json'} is not a rudalle_pipe pipeline (format {meta.get('format')!r})")
+    sandbox = snapshot_sandbox(directory)
+
+    def inside(part: str) -> Path:
+        return resolve_inside(directory, part, what=f"pipeline folder {directory}", sandbox=sandbox)
+
+    meta = read_json(inside("pipeline.json"), what="pipeline description")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{directory / 'pipeline.json'} is not a rudalle_pipe pipeline (format {found!r})")
     pipe = Pipeline(
-        tokenizer=YTTMTokenizer.from_file(directory / "tokenizer" / "bpe.model"),
-        dalle=DalleModel.from_pretrained(directory / "dalle", device=device, dtype=dtype),
-        vae=load_pretrained(VQGAN, VQGANConfig, directory / "vae", model_type="vqgan", device=device),
-        name=meta.get("name", name),
+        tokenizer=YTTMTokenizer.from_file(inside("tokenizer/bpe.model")),
+        dalle=DalleModel.from_pretrained(inside("dalle"), device=device, dtype=dtype, sandbox=sandbox),
+        vae=load_pretrained(VQGAN, VQGANConfig, inside("vae"), model_type="vqgan", device=device, sandbox=sandbox),
+        name=str(meta.get("name", name)),
     )
     if clip and (directory / "clip").is_dir():
         from .clip import get_clip
 
-        pipe.clip = get_clip(f"local-dir:{directory / 'clip'}", None, device=device)
+        pipe.clip = get_clip(f"local-dir:{inside('clip')}", None, device=device, sandbox=sandbox)
     if upscaler and (directory / "upscaler").is_dir():
         from .realesrgan import RRDBNet, RRDBNetConfig
 
-        pipe.upscaler = load_pretrained(RRDBNet, RRDBNetConfig, directory / "upscaler", model_type="rrdbnet",
-                                        device=device)
+        pipe.upscaler = load_pretrained(RRDBNet, RRDBNetConfig, inside("upscaler"), model_type="rrdbnet",
+                                        device=device, sandbox=sandbox)
     return pipe
 
 
 def save_pipeline(pipe: Pipeline, directory: str | os.PathLike, *, clip_model_cfg: dict | None = None) -> Path:
     """Write ``pipe`` as a pipeline directory (see the module docstring); refuses to overwrite.
 
+    The folder is built under a temporary name beside ``directory`` and renamed into place when
+    complete (``pipeline.json`` written last), so an interrupt or a full disk at any write leaves no
+    ``directory`` (or the empty one there was) and the same call can be repeated; the result is
+    byte-identical to an uninterrupted save.
+
     Args:
         clip_model_cfg: open_clip's model config of ``pipe.clip``; needed only for an architecture
             that open_clip does not know by name.
+
+    Raises:
+        FileExistsError: ``directory`` exists and is not empty.
     """
     directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()):
+    if directory.exists() and not (directory.is_dir() and not any(directory.iterdir())):
         raise FileExistsError(f"{directory} is not empty; choose a new directory")
-    (directory / "tokenizer").mkdir(parents=True)
-    pipe.tokenizer.save(directory / "tokenizer" / "bpe.model")
-    pipe.dalle.save_pretrained(directory / "dalle")
-    save_pretrained(pipe.vae, pipe.vae.config, directory / "vae", model_type="vqgan")
-    if pipe.clip is not None:
-        from .clip import save_clip
+    with atomic_directory(directory) as tmp:
+        (tmp / "tokenizer").mkdir()
+        pipe.tokenizer.save(tmp / "tokenizer" / "bpe.model")
+        pipe.dalle.save_pretrained(tmp / "dalle")
+        save_pretrained(pipe.vae, pipe.vae.config, tmp / "vae", model_type="vqgan")
+        if pipe.clip is not None:
+            from .clip import save_clip
 
-        save_clip(pipe.clip, directory / "clip", clip_model_cfg)
-    if pipe.upscaler is not None:
-        save_pretrained(pipe.upscaler, pipe.upscaler.config, directory / "upscaler", model_type="rrdbnet")
-    meta = {"format": FORMAT, "version": 1, "name": pipe.name or directory.name}
-    (directory / "pipeline.json").write_text(json.dumps(meta, indent=2) + "\n")
+            save_clip(pipe.clip, tmp / "clip", clip_model_cfg)
+        if pipe.upscaler is not None:
+            save_pretrained(pipe.upscaler, pipe.upscaler.config, tmp / "upscaler", model_type="rrdbnet")
+        meta = {"format": FORMAT, "version": 1, "name": pipe.name or directory.name}
+        atomic_write(tmp / "pipeline.json", json.dumps(meta, indent=2) + "\n")
     return directory

@@ -6,11 +6,16 @@ only says where each set of weights lives and which config overrides it needs. T
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping, Optional
 
-__all__ = ["Pretrained", "PRETRAINED", "list_pretrained", "get_pretrained"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["Pretrained", "PRETRAINED", "list_pretrained", "get_pretrained", "local_folder"]
 
 UTILS_REPO = "shonenkov/rudalle-utils"
 
@@ -79,3 +84,22 @@ def get_pretrained(name: str, kind: str) -> Pretrained:
         valid = list_pretrained(kind)
         raise ValueError(f"unknown {kind} model {name!r}. Available: {', '.join(valid)}")
     return entry
+
+
+def local_folder(name: str, marker: str, *, registered: Collection[str], what: str) -> Optional[Path]:
+    """The folder ``name`` means when it is an explicit path, else None (then it is a registered name).
+
+    An explicit path wins over a bundled pipeline or a Hub preset of the same name. ``name`` is one
+    when it holds a path separator (``./demo``, ``out/pipeline``), starts with ``~`` or ``.``, or
+    is an existing folder holding ``marker`` (``pipeline.json``, ``config.json``). When it is also
+    in ``registered``, a warning says that the folder is used.
+    """
+    separators = {"/", os.sep, os.altsep} - {None}
+    explicit = any(sep in name for sep in separators) or name.startswith(("~", "."))
+    path = Path(name).expanduser()
+    if not explicit and not (path / marker).is_file():
+        return None
+    if name in registered:
+        logger.warning("%r is both a folder here (%s) and a registered %s; using the folder. Rename or move "
+                       "the folder to get the registered one.", name, path.resolve(), what)
+    return path

@@ -44,6 +44,7 @@ _SPECIAL_IDS = {"unk": 1, "pad": 0, "bos": 2, "eos": 3}  # the ids ruDALL-E's mo
 _N_SPECIAL = len(_SPECIAL_IDS)
 _UNKNOWN = -1  # internal marker for a run of unknown characters; no merge rule can match it
 _WORD_CACHE_SIZE = 1 << 16  # words whose ids are kept; the cache is emptied when it is full
+MAX_BPE_BYTES = 64 * 2**20  # largest bpe.model read (ruDALL-E's, 16384 ids, is about 200 KB)
 
 
 def prepare_text(text: str) -> str:
@@ -89,10 +90,14 @@ class YTTMTokenizer:
         """Read a yttm ``bpe.model`` file.
 
         Raises FileNotFoundError if ``path`` does not exist and ValueError, naming the file and
-        line, if it is malformed, truncated, or uses special ids other than pad=0 unk=1 bos=2 eos=3.
+        line (never echoing its contents), if it is malformed, truncated, uses special ids other than
+        pad=0 unk=1 bos=2 eos=3, is not a regular file (``/dev/zero``, a FIFO) or is larger than
+        :data:`MAX_BPE_BYTES`.
         """
+        from .files import read_bounded
+
         path = Path(path)
-        raw = path.read_bytes()
+        raw = read_bounded(path, MAX_BPE_BYTES, what="BPE model")
         try:
             text = raw.decode("ascii")
         except UnicodeDecodeError as e:
@@ -102,12 +107,15 @@ class YTTMTokenizer:
         return cls(chars, merges)
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write the model in yttm's ``bpe.model`` format (readable by youtokentome and :meth:`from_file`)."""
+        """Write the model in yttm's ``bpe.model`` format (readable by youtokentome and :meth:`from_file`),
+        atomically: ``path`` holds the old file or the complete new one, never a torn one."""
+        from .files import atomic_write
+
         lines = [f"{len(self._chars)} {len(self._merges)}"]
         lines += [f"{ord(ch)} {i}" for ch, i in self._chars.items()]
         lines += [f"{x} {y} {z}" for x, y, z in self._merges]
         lines.append(" ".join(str(_SPECIAL_IDS[k]) for k in ("unk", "pad", "bos", "eos")))
-        Path(path).write_text("\n".join(lines) + "\n", encoding="ascii")
+        atomic_write(path, ("\n".join(lines) + "\n").encode("ascii"))
 
     def __repr__(self) -> str:
         name, n_chars, n_merges = type(self).__name__, len(self._chars), len(self._merges)
@@ -264,9 +272,8 @@ def _parse_model(lines: list[str], path: Path) -> tuple[dict[str, int], list[tup
             )
         parts = lines[lineno - 1].split()
         if len(parts) != count or not all(p.isdigit() for p in parts):
-            raise ValueError(
-                f"{path}, line {lineno}: expected {what} ({count} non-negative integers), got {lines[lineno - 1]!r}"
-            )
+            found = f"{len(parts)} fields" if len(parts) != count else "a field that is not a non-negative integer"
+            raise ValueError(f"{path}, line {lineno}: expected {what} ({count} non-negative integers), found {found}")
         return [int(p) for p in parts]
 
     n_chars, n_merges = fields(1, 2, "'<n_chars> <n_merges>'")
