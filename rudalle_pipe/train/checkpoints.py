@@ -39,8 +39,8 @@ from .. import files
 logger = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT", "PREVIOUS", "MARKER", "EXPORT_MARKER", "LOG_HEADER", "save_checkpoint",
-           "load_checkpoint", "has_checkpoint", "check_state_dir", "prepare_log", "write_log_row",
-           "write_export", "rotate_exports"]
+           "load_checkpoint", "has_checkpoint", "check_state_dir", "read_log", "prepare_log", "write_log_row",
+           "write_export", "rotate_exports", "foreign_exports"]
 
 CHECKPOINT, PREVIOUS, NEW = "checkpoint", "checkpoint-previous", ".checkpoint-new.tmp"
 MARKER = "progress.json"  # completion marker of a checkpoint, written last
@@ -176,18 +176,16 @@ def _parse_row(row: list[str]) -> Optional[int]:
     return step if step >= 1 else None
 
 
-def prepare_log(out_dir: Path, start: int) -> Path:
-    """Create ``loss_log.csv`` or cut it back to the rows of steps ``<= start`` (atomically); main
-    process only. Returns its path.
+def read_log(out_dir: Path) -> Optional[list[list[str]]]:
+    """The rows of ``out_dir/loss_log.csv`` (header first; a torn last row dropped), or None when it
+    does not exist. Reads only.
 
     Raises:
-        ValueError: the file was not written by this package (other columns, unreadable rows); it
-            is left unchanged.
+        ValueError: the file was not written by this package (other columns, unreadable rows).
     """
     path = out_dir / LOG_NAME
     if not path.exists():
-        files.atomic_write(path, ",".join(LOG_HEADER) + "\r\n")
-        return path
+        return None
     foreign = (f"{path} was not written by rudalle_pipe (expected the columns {','.join(LOG_HEADER)} and one "
                "row per logged step); it is left unchanged: move it away or choose another out_dir")
     try:
@@ -197,16 +195,27 @@ def prepare_log(out_dir: Path, start: int) -> Path:
         raise ValueError(f"{foreign} ({err})") from None
     if not rows or rows[0] != LOG_HEADER:
         raise ValueError(foreign)
-    body = rows[1:]
-    steps = [_parse_row(r) for r in body]
-    if body and steps[-1] is None:  # a row torn by an interrupt: only ever the last one
-        body, steps = body[:-1], steps[:-1]
-    if None in steps:
-        raise ValueError(f"{foreign} (row {steps.index(None) + 2} is not step,loss,lr,seconds)")
-    kept = [r for r, s in zip(body, steps) if s <= start]
-    if len(kept) != len(rows) - 1 or not text.endswith("\n"):
+    if len(rows) > 1 and (_parse_row(rows[-1]) is None or not text.endswith("\n")):
+        rows = rows[:-1]  # a row torn by an interrupt: only ever the last one
+    bad = [n for n, row in enumerate(rows[1:], start=2) if _parse_row(row) is None]
+    if bad:
+        raise ValueError(f"{foreign} (row {bad[0]} is not step,loss,lr,seconds)")
+    return rows
+
+
+def prepare_log(out_dir: Path, start: int) -> Path:
+    """Create ``loss_log.csv`` or cut it back to the rows of steps ``<= start`` (atomically: an
+    interrupt leaves the old file or the new one); main process only. Returns its path.
+
+    Raises:
+        ValueError: the file was not written by this package; it is left unchanged.
+    """
+    path = out_dir / LOG_NAME
+    rows = read_log(out_dir)
+    kept = [LOG_HEADER] + [r for r in (rows or [])[1:] if int(r[0]) <= start]
+    if rows is None or kept != rows or not path.read_bytes().endswith(b"\n"):
         buffer = io.StringIO()
-        csv.writer(buffer).writerows([LOG_HEADER, *kept])
+        csv.writer(buffer).writerows(kept)
         files.atomic_write(path, buffer.getvalue())
     return path
 
@@ -262,7 +271,12 @@ def rotate_exports(out_dir: Path, keep: int) -> list[Path]:
     return doomed
 
 
-def foreign_exports(out_dir: Path, steps: list[int]) -> list[Path]:
-    """The ``step-<N>`` folders for ``steps`` that exist but were not written by this package."""
-    return [p for s in steps if ((p := out_dir / f"step-{s}").exists() or p.is_symlink())
-            and _export_step(p) != s]
+def foreign_exports(out_dir: Path, wanted: Callable[[int], bool]) -> list[Path]:
+    """The ``step-<N>`` entries with ``wanted(N)`` that exist but were not written by this package
+    (an export would have to replace them)."""
+    found = []
+    for path in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
+        match = _EXPORT_NAME.match(path.name)
+        if match and wanted(int(match.group(1))) and _export_step(path) is None:
+            found.append(path)
+    return found
