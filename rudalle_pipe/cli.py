@@ -385,6 +385,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """``rudalle-pipe finetune``: check everything, load the model, finetune on the folder, write
     OUT/final (+ OUT/pipeline, built atomically). A rerun after an interrupt resumes; one interrupted
     after OUT/final only writes the missing OUT/pipeline."""
+    import dataclasses
+
     import torch
 
     from .files import check_writable_dir

@@ -573,13 +573,13 @@ def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, 
     pairs = load_pairs(data, caption=caption, skip_bad=skip_bad)
     record = runs.make_record(dataclasses.asdict(config), pairs, dalle)  # the base weights, before training
     out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints.check_state_dir(out_dir)  # a foreign checkpoint/ folder stops here
     if checkpoints.has_checkpoint(out_dir):
         runs.check_record(out_dir, record)
-    checkpoints.check_state_dir(out_dir)
     checkpoints.read_log(out_dir)  # a foreign loss_log.csv stops here, before any slow work
 
     def exported(step: int) -> bool:
-        return bool(config.keep_checkpoints) and step <= config.steps and (
+        return bool(config.keep_checkpoints) and 1 <= step <= config.steps and (
             step % config.checkpoint_every == 0 or step == config.steps)
 
     foreign = checkpoints.foreign_exports(out_dir, exported)
