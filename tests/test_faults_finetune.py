@@ -351,7 +351,7 @@ def test_rotation_deletes_only_its_own_exports(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("content", ["epoch,accuracy\n1,0.5\n2,0.7\n", "step,loss,lr,seconds\nx,1,2,3\n1,2,3,4\n",
-                                     "\xff\xfe not text"])
+                                     "step,loss,lr,seconds\n1,2,3,4\nlast,1,2,3\n", "\xff\xfe not text", ""])
 def test_a_foreign_loss_log_is_never_changed(tmp_path, tokenizer, content):
     data = _data(tmp_path / "data")
     out = tmp_path / "run"

@@ -195,8 +195,8 @@ def read_log(out_dir: Path) -> Optional[list[list[str]]]:
         raise ValueError(f"{foreign} ({err})") from None
     if not rows or rows[0] != LOG_HEADER:
         raise ValueError(foreign)
-    if len(rows) > 1 and (_parse_row(rows[-1]) is None or not text.endswith("\n")):
-        rows = rows[:-1]  # a row torn by an interrupt: only ever the last one
+    if len(rows) > 1 and not text.endswith("\n"):
+        rows = rows[:-1]  # a row torn by an interrupt: only ever the last one, without its line end
     bad = [n for n, row in enumerate(rows[1:], start=2) if _parse_row(row) is None]
     if bad:
         raise ValueError(f"{foreign} (row {bad[0]} is not step,loss,lr,seconds)")

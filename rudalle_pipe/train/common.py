@@ -154,6 +154,9 @@ def run_training(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(
         s, total=config.steps, warmup=config.warmup_steps, min_ratio=config.min_lr_ratio))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # every process trains on the same get_batch(step): one optimizer step is one schedule step (accelerate
+    # would otherwise advance the prepared scheduler num_processes times per step under `accelerate launch`)
+    scheduler.step_with_optimizer = False
 
     start = checkpoints.load_checkpoint(accelerator, out_dir, name)
     if start > config.steps:
@@ -262,4 +265,6 @@ def is_main_process() -> bool:
     """True on the process that writes final files (always True without ``accelerate launch``)."""
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    # the same device choice as run_training's Accelerator: the first PartialState fixes the process
+    # group for the whole program, and one made without cpu=True on a CPU-only machine is not distributed
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
