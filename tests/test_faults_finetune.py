@@ -482,6 +482,11 @@ def test_data_errors_name_the_file(tmp_path, caplog):
         (folder / f"{i}.txt").write_text(text, encoding="utf-8")
     with pytest.raises(ValueError, match=r"caption file .*1.txt is empty"):
         ft.load_pairs(folder)
+    (folder / "0.txt").write_bytes("кот".encode("cp1251"))
+    with caplog.at_level(logging.WARNING):
+        assert [Path(p).name for p, _ in ft.load_pairs(folder, skip_bad=True)] == ["2.png"]
+    assert "0.txt is not UTF-8" in caplog.text and "1.txt is empty" in caplog.text
+    (folder / "0.txt").write_text("a", encoding="utf-8")
     (folder / "1.txt").write_text("b", encoding="utf-8")
     png = (folder / "2.png").read_bytes()
     (folder / "2.png").write_bytes(png[: len(png) // 2])  # a truncated picture

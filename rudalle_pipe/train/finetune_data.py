@@ -167,12 +167,15 @@ def _folder_pairs(folder: Path, caption: Optional[str], skip_bad: bool) -> list[
         pairs = []
         for p in images:
             sidecar = p.with_suffix(".txt")
-            if p.name in missing:
-                bad(ValueError(f"no caption for {p} (no {sidecar.name})"))
-            elif not (text := _read_text(sidecar, "caption file").strip()):
-                bad(ValueError(f"caption file {sidecar} is empty"))
-            else:
-                pairs.append((p, text))
+            try:
+                if p.name in missing:
+                    raise ValueError(f"no caption for {p} (no {sidecar.name})")
+                if not (text := _read_text(sidecar, "caption file").strip()):
+                    raise ValueError(f"caption file {sidecar} is empty")
+            except ValueError as err:  # missing, empty, not UTF-8, not a regular file, too large
+                bad(err)
+                continue
+            pairs.append((p, text))
     good = []
     for path, text in pairs:
         try:
