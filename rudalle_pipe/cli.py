@@ -419,12 +419,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         check_writable_dir(out, what="--out")
     except OSError as err:
         raise UsageError(_one_line(err)) from err
-    if (out / "pipeline").exists():
-        raise FileExistsError(f"{out / 'pipeline'} exists: this run has finished; choose another --out")
+    final = out / "final"
+    if (out / "pipeline").exists() or (final.exists() and directory is None):
+        raise FileExistsError(f"{out / 'pipeline' if directory is not None else final} exists: this run has "
+                              "finished; choose another --out")
     pairs = load_pairs(args.data, caption=args.caption, skip_bad=args.skip_bad)  # before any weights load
     pipe = load_pipeline(name, device=device, dtype=getattr(torch, args.dtype), clip=False, upscaler=False)
-    final = out / "final"
-    if final.exists() and directory is not None:  # interrupted after final/: only the pipeline is missing
+    if final.exists():  # interrupted after final/: only the pipeline is missing
         runs.check_record(out, runs.make_record(dataclasses.asdict(config), pairs, pipe.dalle))
         lines = [f"{final} was already written by an earlier run with these settings"]
     else:

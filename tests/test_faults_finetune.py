@@ -558,3 +558,64 @@ def test_pipeline_export_is_atomic_and_stays_inside(tmp_path, monkeypatch):
     target = runs.export_pipeline(base, model, tmp_path / "out")
     assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()) == [
         "dalle/model.safetensors", "pipeline.json", "vae/model.safetensors"]
+
+
+# ------------------------------------------------------------------------- accelerate launch
+_LAUNCHED = r'''
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, sys.argv[2])
+from rudalle_pipe import finetune as ft
+from rudalle_pipe.tokenizer import YTTMTokenizer
+from rudalle_pipe.train import common
+from tiny import tiny_dalle, tiny_vae
+
+torch.set_num_threads(1)
+tokenizer = YTTMTokenizer.from_file(sys.argv[3])
+pairs = [(Image.new("RGB", (32, 32), c), t) for c, t in [((200, 0, 0), "красный"), ((0, 0, 200), "синий")]]
+root = Path(sys.argv[1])
+kw = dict(steps=4, lr=3e-3, batch_size=2, checkpoint_every=2, log_every=1, keep_checkpoints=1, progress=False)
+straight = ft.finetune(tiny_dalle(), tiny_vae(), tokenizer, pairs, out_dir=root / "a", **kw).model.state_dict()
+real = common.batch_indices
+common.batch_indices = lambda s, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()) if s == 3 else real(s, *a, **k)
+try:
+    ft.finetune(tiny_dalle(), tiny_vae(), tokenizer, pairs, out_dir=root / "b", **kw)
+except KeyboardInterrupt:
+    pass
+common.batch_indices = real
+resumed = ft.finetune(tiny_dalle(), tiny_vae(), tokenizer, pairs, out_dir=root / "b", **kw)
+same = all(torch.equal(straight[k], v) for k, v in resumed.model.state_dict().items())
+if common.is_main_process():
+    print("RESULT", "same" if same else "different", len(resumed.losses))
+'''
+
+
+def test_finetune_resumes_under_a_two_process_launch(tmp_path):
+    """Two CPU processes (torchrun, like `accelerate launch`): one writer, one RNG file per process,
+    the schedule advancing once per step, and an interrupted run resuming to the same weights."""
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, _fixtures_dir
+
+    script = tmp_path / "launched.py"
+    script.write_text(_LAUNCHED, encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path), str(REPO_ROOT / "tests"),
+                           str(_fixtures_dir() / "tokenizer" / "bpe.model")],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("RESULT") == 1 and "RESULT same 2" in done.stdout, done.stdout
+    run = tmp_path / "b"
+    assert sorted(p.name for p in (run / "checkpoint").glob("random_states_*.pkl")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+    with open(run / "loss_log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]  # one writer, the rows after step 2 replaced
+    with open(tmp_path / "a" / "loss_log.csv", newline="") as f:
+        assert [r["lr"] for r in csv.DictReader(f)] == ["3.000e-03", "2.325e-03", "9.750e-04", "3.000e-04"]
