@@ -14,7 +14,9 @@ What it does:
   ``file,caption``, or a ``<name>.txt`` next to every image, or one ``caption=`` for all - or a list of
   ``(image, caption)`` pairs (PIL images or paths). Images are resized (shorter side) and centre-cropped
   to the generator's resolution, encoded by the VQGAN **once**, and the codes are cached in
-  ``out_dir/codes.pt`` (keyed by the pixels and the VQGAN, so a rerun does not encode again).
+  ``out_dir/codes.pt`` (keyed by the pixels and the VQGAN, so a rerun does not encode again). A bad
+  data file is an error naming it, or with ``skip_bad=True`` a warning and left out
+  (:mod:`rudalle_pipe.train.finetune_data`).
 * **What trains** (``train``): ``"all"``, or any of ``"attention"``, ``"mlp"``, ``"layernorm"``,
   ``"embeddings"``, ``"head"``; everything else is frozen. With ``lora_rank > 0`` the linear layers of
   the chosen attention/MLP parts get LoRA adapters instead (``W + (alpha / r) B A``, ``B`` starting at
@@ -25,55 +27,61 @@ What it does:
   linear warm-up and cosine decay, mixed precision, gradient checkpointing, a tqdm bar and a CSV loss
   log (``out_dir/loss_log.csv``). The loss is the original's ``(L_text + 7 L_image) / 8``.
 * **Checkpoints**: the full training state every ``checkpoint_every`` steps in ``out_dir/checkpoint``
-  (a rerun with the same ``out_dir`` resumes from it), the model itself in the Hugging Face layout in
-  ``out_dir/step-<N>`` (the last ``keep_checkpoints`` kept), and the final model in ``out_dir/final``.
+  (a rerun with the same ``out_dir``, data, base weights and settings resumes from it; anything else
+  is refused, naming the difference), the model itself in the Hugging Face layout in
+  ``out_dir/step-<N>`` (the last ``keep_checkpoints`` kept; only folders this package marked are ever
+  deleted), and the final model in ``out_dir/final``.
+* **Crash-proof**: every file is written atomically (temporary name, fsync, rename); a checkpoint
+  becomes current only when complete, and a resume falls back to the previous complete one
+  (:mod:`rudalle_pipe.train.checkpoints`); ``final/`` appears last, so it means "finished". An
+  interrupt or a full disk at any write, followed by the same call, gives the same model.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Union
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import files
+from .checks import check_float, check_int
 from .dalle import DalleModel
-from .tokenizer import YTTMTokenizer, prepare_text
+from .tokenizer import YTTMTokenizer
+from .train.common import MAX_STEPS
+from .train.finetune_data import (CAPTIONS_FILE, IMAGE_SUFFIXES, Data, ImageLike, encode_pairs,  # noqa: F401 (re-exported)
+                                  load_pairs, prepare_image)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "TRAINABLE_PARTS", "IMAGE_SUFFIXES", "finetune", "load_pairs",
-           "prepare_image", "encode_pairs", "select_trainable", "add_lora", "merge_lora", "dataset_loss", "estimate_memory"]
+           "prepare_image", "encode_pairs", "select_trainable", "add_lora", "merge_lora", "dataset_loss", "estimate_memory",
+           "MAX_STEPS", "MAX_BATCH_SIZE", "MAX_LORA_RANK", "MAX_KEEP_CHECKPOINTS"]
 
 TRAINABLE_PARTS = ("all", "attention", "mlp", "layernorm", "embeddings", "head")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _LORA_TARGETS = {"attention": ("query_key_value", "dense"), "mlp": ("dense_h_to_4h", "dense_4h_to_h")}
-CAPTIONS_FILE = "captions.csv"
+MAX_BATCH_SIZE = 4096  # pairs per step
+MAX_LORA_RANK = 1024  # LoRA rank (the large models are 2048 wide; a rank near that is full finetuning)
+MAX_KEEP_CHECKPOINTS = 1000  # step-<N> exports kept
 
-ImageLike = Union[Image.Image, str, Path]
-Data = Union[str, Path, Sequence[tuple[ImageLike, str]]]
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Every finetuning option; :func:`finetune` takes these as keyword arguments."""
 
-    steps: int = 200  # optimizer steps in total (a resumed run continues up to this)
-    lr: float = 1e-4  # peak learning rate (1e-5..4e-5 for full finetuning of the large models)
-    batch_size: int = 1  # (image, caption) pairs per step
+    steps: int = 200  # optimizer steps in total, 1..MAX_STEPS (10_000_000); a resume must keep it
+    lr: float = 1e-4  # peak learning rate, finite, in (0, 10] (1e-5..4e-5 for full finetuning of the large models)
+    batch_size: int = 1  # (image, caption) pairs per step, 1..MAX_BATCH_SIZE (4096)
     train: tuple[str, ...] = ("all",)  # parts that learn; see TRAINABLE_PARTS
-    lora_rank: int = 0  # > 0: LoRA adapters of this rank on the attention/MLP linears of ``train``
-    lora_alpha: float = 16.0  # LoRA scale numerator: delta W = (lora_alpha / lora_rank) B A
+    lora_rank: int = 0  # 1..MAX_LORA_RANK (1024): LoRA adapters of this rank on the attention/MLP linears of ``train``
+    lora_alpha: float = 16.0  # LoRA scale numerator (finite, > 0): delta W = (lora_alpha / lora_rank) B A
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
     mixed_precision: str = "no"  # "no", "fp16" or "bf16" (accelerate autocast)
     optimizer: str = "adamw"  # "adamw", "adafactor" (low memory) or "adamw8bit" (bitsandbytes, GPU)
@@ -81,10 +89,10 @@ class FinetuneConfig:
     grad_clip: Optional[float] = 1.0  # max gradient norm; None disables clipping
     warmup_steps: Optional[int] = None  # linear warm-up; None = 10% of the steps
     min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
-    checkpoint_every: int = 100  # save the training state and a step-<N> model this often
-    keep_checkpoints: int = 2  # step-<N> model directories kept (older ones are deleted); 0 = none
-    log_every: int = 10  # rows of loss_log.csv
-    seed: int = 0  # batch order, dropout
+    checkpoint_every: int = 100  # save the training state and a step-<N> model this often (<= MAX_STEPS)
+    keep_checkpoints: int = 2  # step-<N> model directories kept, 0..1000 (older ones this package wrote are deleted)
+    log_every: int = 10  # rows of loss_log.csv (<= MAX_STEPS)
+    seed: int = 0  # batch order, dropout; 0..2**32-1
 
     def __post_init__(self) -> None:
         train = (self.train,) if isinstance(self.train, str) else tuple(self.train)
@@ -92,20 +100,17 @@ class FinetuneConfig:
         bad = [p for p in train if p not in TRAINABLE_PARTS]
         if bad or not train:
             raise ValueError(f"train must name parts from {list(TRAINABLE_PARTS)}, got {list(train)!r}")
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be an int >= 0 (0 = no LoRA), got {self.lora_rank!r}")
+        check_int("steps", self.steps, high=MAX_STEPS)
+        check_int("batch_size", self.batch_size, high=MAX_BATCH_SIZE)
+        check_int("lora_rank", self.lora_rank, low=0, high=MAX_LORA_RANK)
+        check_float("lora_alpha", self.lora_alpha, low=0, low_open=True)
+        check_int("keep_checkpoints", self.keep_checkpoints, low=0, high=MAX_KEEP_CHECKPOINTS)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise TypeError(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
         if self.lora_rank and not {"all", "attention", "mlp"} & set(train):
             raise ValueError(f"lora_rank={self.lora_rank} adapts attention/MLP linears, but train={list(train)} "
                              "names neither; add 'attention' and/or 'mlp' (or 'all')")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.keep_checkpoints < 0:
-            raise ValueError(f"keep_checkpoints must be >= 0, got {self.keep_checkpoints!r}")
-        self.loop_config()  # validates mixed_precision, optimizer, warmup_steps
+        self.loop_config()  # steps, lr, seed, ... through checks.py; mixed_precision, optimizer, warmup_steps
 
     def loop_config(self):
         """The :class:`rudalle_pipe.train.common.LoopConfig` of these settings."""
@@ -128,125 +133,6 @@ class FinetuneResult:
     loss_before: float  # mean loss over the training pairs before finetuning (eval mode)
     loss_after: float  # the same after finetuning
     trainable_parameters: int  # parameters that received gradients (LoRA factors with lora_rank > 0)
-
-
-# ----------------------------------------------------------------------------------------- data
-def load_pairs(data: Data, *, caption: Optional[str] = None) -> list[tuple[ImageLike, str]]:
-    """The ``(image, caption)`` pairs of ``data``.
-
-    Args:
-        data: a folder, or a sequence of ``(PIL image or path, caption)``. In a folder the images
-            (``IMAGE_SUFFIXES``, sorted by name) take their captions from, in order of preference:
-            ``caption``; ``captions.csv`` (columns ``file`` and ``caption``, ``file`` relative to the
-            folder); a ``<image stem>.txt`` beside each image.
-        caption: one caption for every image (overrides the files).
-    """
-    if isinstance(data, (str, Path)):
-        folder = Path(data)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"data folder {folder} does not exist")
-        return _folder_pairs(folder, caption)
-    if not isinstance(data, Iterable):
-        raise TypeError(f"data must be a folder or a sequence of (image, caption) pairs, got {type(data).__name__}")
-    pairs = []
-    for i, item in enumerate(data):
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise ValueError(f"data[{i}] must be an (image, caption) pair, got {item!r:.80}")
-        image, text = item
-        if not isinstance(image, (Image.Image, str, Path)):
-            raise TypeError(f"data[{i}][0] must be a PIL image or a path, got {type(image).__name__}")
-        text = caption if caption is not None else text
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"data[{i}] has an empty or non-text caption: {text!r}")
-        pairs.append((image, text))
-    if not pairs:
-        raise ValueError("data holds no (image, caption) pairs")
-    return pairs
-
-
-def _folder_pairs(folder: Path, caption: Optional[str]) -> list[tuple[ImageLike, str]]:
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    if caption is not None:
-        if not caption.strip():
-            raise ValueError("caption is empty")
-        return [(p, caption) for p in images]
-    table = folder / CAPTIONS_FILE
-    if table.is_file():
-        with open(table, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        missing = {"file", "caption"} - set(rows[0] if rows else {})
-        if missing:
-            raise ValueError(f"{table} needs the columns 'file' and 'caption'; missing {sorted(missing)}")
-        pairs = []
-        for n, row in enumerate(rows, start=2):
-            path = folder / row["file"]
-            if not path.is_file():
-                raise FileNotFoundError(f"{table} line {n}: {path} does not exist")
-            if not (row["caption"] or "").strip():
-                raise ValueError(f"{table} line {n}: empty caption for {row['file']}")
-            pairs.append((path, row["caption"]))
-        if not pairs:
-            raise ValueError(f"{table} has no rows")
-        return pairs
-    missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
-    if missing:
-        raise ValueError(f"no captions for {len(missing)} image(s) in {folder} (e.g. {missing[:3]}): add "
-                         f"{CAPTIONS_FILE} (columns file,caption), a <name>.txt per image, or pass caption=")
-    return [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
-
-
-def prepare_image(image: ImageLike, size: int) -> Image.Image:
-    """RGB ``size x size``: the shorter side resized to ``size`` (bicubic), then centre-cropped."""
-    if not isinstance(image, Image.Image):
-        with Image.open(image) as opened:
-            image = opened.convert("RGB")
-    image = image.convert("RGB")
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-@torch.no_grad()
-def encode_pairs(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, pairs: Sequence[tuple[ImageLike, str]],
-                 *, cache: Optional[Path] = None, batch_size: int = 8) -> torch.Tensor:
-    """Token sequences ``[N, text_seq_length + image_seq_length]`` int64 for the pairs: BOS, BPE ids,
-    EOS and padding, then the VQGAN codes of the prepared image.
-
-    The codes are cached in ``cache`` (a ``.pt`` file) keyed by a hash of the prepared pixels and of
-    the VQGAN's codebook, and reused when the key matches."""
-    cfg = dalle.config
-    size = cfg.image_tokens_per_dim * vae.downsample_factor
-    images = [prepare_image(image, size) for image, _ in pairs]
-    digest = hashlib.sha256()
-    digest.update(vae.quantize.embed.weight.detach().float().cpu().numpy().tobytes())
-    for image in images:
-        digest.update(image.tobytes())
-    key = digest.hexdigest()
-    codes = None
-    if cache is not None and cache.is_file():
-        stored = torch.load(cache, weights_only=True)
-        if stored.get("key") == key:
-            codes = stored["codes"]
-            logger.info("finetune: reusing the cached codes of %d images (%s)", len(images), cache)
-    if codes is None:
-        device = next(vae.parameters()).device
-        chunks = []
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1)
-                                 for im in images[start:start + batch_size]])  # (b, 3, size, size) uint8
-            x = batch.to(device=device, dtype=torch.float32) / 255.0  # (b, 3, size, size) in [0, 1]
-            chunks.append(vae.get_codebook_indices(x).cpu())
-        codes = torch.cat(chunks)  # (N, image_seq_length)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"key": key, "codes": codes}, cache)
-    text = torch.stack([tokenizer.encode_text(prepare_text(c), cfg.text_seq_length) for _, c in pairs])
-    return torch.cat([text.long(), codes.long()], dim=1)
 
 
 # -------------------------------------------------------------------------- what trains, LoRA
@@ -405,8 +291,8 @@ def estimate_memory(model_config: Any, config: FinetuneConfig, *, weights_dtype:
 
 # ------------------------------------------------------------------------------------- finetune
 def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, *, out_dir: Union[str, Path],
-             caption: Optional[str] = None, progress: bool = True, config: Optional[FinetuneConfig] = None,
-             **options: Any) -> FinetuneResult:
+             caption: Optional[str] = None, skip_bad: bool = False, progress: bool = True,
+             config: Optional[FinetuneConfig] = None, **options: Any) -> FinetuneResult:
     """Finetune ``dalle`` on ``data`` and save the result to ``out_dir/final``.
 
     Args:
@@ -415,14 +301,23 @@ def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, 
         vae: the VQGAN that encodes the images (``get_vae()`` for the Sber models).
         tokenizer: the generator's BPE tokenizer.
         data: a folder or ``(image, caption)`` pairs; see :func:`load_pairs`.
-        out_dir: where checkpoints, ``loss_log.csv``, ``codes.pt``, ``finetune.json`` and ``final/``
-            go. A rerun with the same ``out_dir`` and settings resumes from the last checkpoint.
+        out_dir: where checkpoints, ``loss_log.csv``, ``codes.pt``, ``finetune.json``, ``result.json``
+            and ``final/`` go. A rerun with the same ``out_dir``, data, base weights and settings
+            resumes from the last complete checkpoint; another data folder, other base weights or
+            another ``steps`` (or any setting but ``checkpoint_every``/``keep_checkpoints``/
+            ``log_every``) is refused, naming the difference (see :mod:`rudalle_pipe.train.runs`).
         caption: one caption for every image.
+        skip_bad: skip (and list in warnings) unusable data files instead of failing; see :func:`load_pairs`.
         config / options: a :class:`FinetuneConfig`, or its fields as keyword arguments (``steps``,
             ``lr``, ``batch_size``, ``train``, ``lora_rank``, ``gradient_checkpointing``, ...).
     Returns:
         A :class:`FinetuneResult`; ``get_rudalle_model(str(result.path))`` loads the model again.
+
+    Every file is written atomically; ``final/`` appears last, so it exists only when the run is
+    complete (``result.json`` is written just before it). Only ``step-<N>`` folders carrying this
+    package's marker are ever rotated away.
     """
+    from .train import checkpoints, runs
     from .train.common import batch_indices, is_main_process, run_training
 
     if config is not None and options:
@@ -445,10 +340,25 @@ def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, 
         name, dtype = half[0]
         raise ValueError(f"the generator holds {dtype} weights ({name}, ...) and mixed_precision='no': pass "
                          "mixed_precision='fp16' or 'bf16', or load it in float32")
+    pairs = load_pairs(data, caption=caption, skip_bad=skip_bad)
+    record = runs.make_record(dataclasses.asdict(config), pairs, dalle)  # the base weights, before training
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_settings(out_dir, config)
+    checkpoints.check_state_dir(out_dir)  # a foreign checkpoint/ folder stops here
+    if checkpoints.has_checkpoint(out_dir):
+        runs.check_record(out_dir, record)
+    checkpoints.read_log(out_dir)  # a foreign loss_log.csv stops here, before any slow work
 
-    pairs = load_pairs(data, caption=caption)
+    def exported(step: int) -> bool:
+        return bool(config.keep_checkpoints) and 1 <= step <= config.steps and (
+            step % config.checkpoint_every == 0 or step == config.steps)
+
+    foreign = checkpoints.foreign_exports(out_dir, exported)
+    if foreign:
+        raise FileExistsError(f"{', '.join(map(str, foreign))} would be replaced by checkpoint exports but "
+                              "were not written by rudalle_pipe; move them away or choose another out_dir")
+    if is_main_process():
+        runs.write_record(out_dir, record)
+
     ids = encode_pairs(dalle, vae, tokenizer, pairs, cache=out_dir / "codes.pt")  # (N, L) int64
     logger.info("finetune: %d pairs, %d steps of batch %d", len(ids), config.steps, config.batch_size)
     loss_before = dataset_loss(dalle, ids)
@@ -472,13 +382,8 @@ def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, 
 
     def on_checkpoint(model: DalleModel, step: int) -> None:
         if config.keep_checkpoints:
-            target = out_dir / f"step-{step}"
-            if target.exists():  # re-saved after a resume at the same step
-                shutil.rmtree(target)
-            _save_model(model, target)
-            saved = sorted(out_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-            for old in saved[:-config.keep_checkpoints]:
-                shutil.rmtree(old)
+            checkpoints.write_export(out_dir, step, lambda folder: _save_model(model, folder))
+            checkpoints.rotate_exports(out_dir, config.keep_checkpoints)
 
     model, losses = run_training("finetune", dalle, loss_fn, get_batch, config.loop_config(), out_dir,
                                  parameters=params, progress=progress, on_checkpoint=on_checkpoint)
@@ -488,24 +393,11 @@ def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, 
     model.eval()
     loss_after = dataset_loss(model, ids)
     if is_main_process():
-        _save_model(model, final)
         summary = {"pairs": len(ids), "steps": config.steps, "loss_before": loss_before, "loss_after": loss_after,
                    "trainable_parameters": n_trainable}
-        (out_dir / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+        files.atomic_write(out_dir / "result.json", json.dumps(summary, indent=2) + "\n")
+        with files.atomic_directory(final) as folder:  # last: final/ exists only when everything is written
+            _save_model(model, folder)
     logger.info("finetune: loss %.4f -> %.4f; model saved to %s", loss_before, loss_after, final)
     return FinetuneResult(model=model, path=final, losses=losses, loss_before=loss_before, loss_after=loss_after,
                           trainable_parameters=n_trainable)
-
-
-def _check_settings(out_dir: Path, config: FinetuneConfig) -> None:
-    """Record the settings in ``out_dir/finetune.json``; a rerun (resume) must use the same ones."""
-    path = out_dir / "finetune.json"
-    settings = json.loads(json.dumps(dataclasses.asdict(config)))
-    if path.is_file() and (out_dir / "checkpoint").exists():
-        before = json.loads(path.read_text())
-        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v
-                   and k not in ("checkpoint_every", "keep_checkpoints", "log_every", "steps")}
-        if changed:
-            raise ValueError(f"{out_dir} holds a run with other settings {changed} (before, now); resume it with "
-                             "the same settings or choose another out_dir")
-    path.write_text(json.dumps(settings, indent=2) + "\n")

@@ -61,10 +61,17 @@ def test_load_pairs_from_folders(tmp_path):
         (tmp_path / f"{i}.txt").write_text(f"подпись {i}\n", encoding="utf-8")
     got = ft.load_pairs(tmp_path)
     assert [(Path(p).name, c) for p, c in got] == [(f"{i}.png", f"подпись {i}") for i in range(3)]
-    # captions.csv wins over sidecars, and its order is kept
+    # captions.csv wins over sidecars, and its order is kept; every image needs a row (skip_bad skips)
+    with open(tmp_path / "captions.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["file", "caption"], ["2.png", "два"], ["0.png", "ноль"], ["1.png", "один"]])
+    assert [(Path(p).name, c) for p, c in ft.load_pairs(tmp_path)] == [("2.png", "два"), ("0.png", "ноль"),
+                                                                       ("1.png", "один")]
     with open(tmp_path / "captions.csv", "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([["file", "caption"], ["2.png", "два"], ["0.png", "ноль"]])
-    assert [(Path(p).name, c) for p, c in ft.load_pairs(tmp_path)] == [("2.png", "два"), ("0.png", "ноль")]
+    with pytest.raises(ValueError, match=r"captions.csv has no row for 1.png"):
+        ft.load_pairs(tmp_path)
+    got = ft.load_pairs(tmp_path, skip_bad=True)
+    assert [(Path(p).name, c) for p, c in got] == [("2.png", "два"), ("0.png", "ноль")]
     (tmp_path / "captions.csv").write_text("name,text\n0.png,x\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"columns 'file' and 'caption'; missing \['caption', 'file'\]"):
         ft.load_pairs(tmp_path)
@@ -230,7 +237,7 @@ def test_bad_options_are_named(tmp_path, tokenizer, pairs):
         ft.FinetuneConfig(optimizer="sgd")
     with pytest.raises(ValueError, match="mixed_precision must be"):
         ft.FinetuneConfig(mixed_precision="fp8")
-    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"steps must be in \[1, 10000000\], got 0"):
         ft.FinetuneConfig(steps=0)
     with pytest.raises(ValueError, match=r"torch.float16 weights .* mixed_precision='no'"):
         ft.finetune(tiny_dalle().half(), vae, tokenizer, pairs, out_dir=tmp_path / "h", **_fast())

@@ -194,7 +194,7 @@ def test_dalle_stage_trains_and_saves(tmp_path, stage_inputs):
     model = DalleModel.from_pretrained(final)
     assert model.config.vocab_size == 128 + 18 and model.config.image_vocab_size == 16
     assert model.config.image_tokens_per_dim == 8
-    codes = torch.load(tmp_path / "codes.pt", weights_only=True)
+    codes = torch.load(tmp_path / "codes.pt", weights_only=True)["codes"]
     assert codes.shape == (8, 64) and codes.dtype == torch.int16
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["heldout"]["loss"] > 0

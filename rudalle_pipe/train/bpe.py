@@ -14,10 +14,12 @@ youtokentome itself) encode with the trained model exactly as it was trained:
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from .. import files
 from ..tokenizer import _WORD_SEPARATORS, SPACE_TOKEN, YTTMTokenizer
 
 logger = logging.getLogger(__name__)
@@ -96,5 +98,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path, *, min_co
     tokenizer = learn_bpe(texts, vocab_size, min_count=min_count)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(path)
+    staging = path.parent / f".{path.name}.build.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:  # a torn bpe.model never appears under its name (the demo skips the stage when it exists)
+        tokenizer.save(staging / path.name)
+        files.atomic_write(path, (staging / path.name).read_bytes())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path

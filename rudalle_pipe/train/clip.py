@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rudalle_pipe import shapes
+from rudalle_pipe import files, shapes
 from rudalle_pipe.clip import ClipBundle, YTTMClipTokenizer, save_clip
 from rudalle_pipe.tokenizer import YTTMTokenizer
 from rudalle_pipe.train.common import LoopConfig, all_captions, all_scenes, render_scenes, run_training
@@ -324,7 +324,8 @@ def train(out_dir: str | Path, *, config: ClipTrainConfig = DEMO_CONFIG, tokeniz
             metrics = {split: evaluate(bundle, split=split, num_images=config.eval_images)
                        for split in ("heldout", "train")}
             logger.info("CLIP retrieval (held-out pairs / seen pairs): %s", metrics)
-            (out_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        save_clip(bundle, final)
+            files.atomic_write(out_dir / "eval.json", json.dumps(metrics, indent=2) + "\n")
+        with files.atomic_directory(final) as folder:  # last: final/ exists only when complete
+            save_clip(bundle, folder)
     accelerator.wait_for_everyone()
     return final

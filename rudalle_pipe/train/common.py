@@ -5,7 +5,8 @@ The same code runs on one CPU, one GPU, or several GPUs and machines under ``acc
 
 * AdamW with a linear warm-up and a cosine decay, and gradient clipping;
 * checkpoints every ``checkpoint_every`` steps through ``Accelerator.save_state`` (model, optimizer,
-  scheduler and RNG states) plus ``progress.json``; a rerun resumes from the last one;
+  scheduler and RNG states), each swapped into place only when complete; a rerun resumes from the
+  newest complete one (:mod:`rudalle_pipe.train.checkpoints`);
 * a CSV loss log (``step,loss,lr,seconds``) and a tqdm bar on the main process.
 
 Batches come from ``get_batch(step)``, a pure function of the step number, so a resumed run sees the
@@ -13,9 +14,9 @@ same data as an uninterrupted one.
 """
 from __future__ import annotations
 
-import csv
+import contextlib
+import functools
 import itertools
-import json
 import logging
 import math
 import random
@@ -28,13 +29,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..checks import check_float, check_int
+from . import checkpoints
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoopConfig", "OPTIMIZERS", "make_optimizer", "run_training", "cosine_with_warmup", "all_scenes", "all_captions", "render_scenes",
+__all__ = ["LoopConfig", "OPTIMIZERS", "MAX_STEPS", "MAX_SEED", "MAX_LR", "make_optimizer", "run_training", "cosine_with_warmup", "all_scenes", "all_captions", "render_scenes",
            "batch_indices", "is_main_process"]
 
 
 OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")
+MAX_STEPS = 10_000_000  # upper bound of steps, checkpoint_every, log_every: weeks on a GPU for the large models
+MAX_SEED = 2**32 - 1  # seeds are 32-bit (batch_indices mixes them with the epoch into a 64-bit torch seed)
+MAX_LR = 10.0  # a learning rate above this diverges at once
 
 
 def make_optimizer(params: list[nn.Parameter], config: "LoopConfig") -> torch.optim.Optimizer:
@@ -70,16 +77,24 @@ class LoopConfig:
     # memory; torch.optim.Adafactor) or "adamw8bit" (8-bit states; needs bitsandbytes and a GPU)
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        check_int("steps", self.steps, high=MAX_STEPS)
+        check_float("lr", self.lr, low=0, low_open=True, high=MAX_LR)
+        check_float("weight_decay", self.weight_decay, low=0)
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        for i, beta in enumerate(self.betas):
+            check_float(f"betas[{i}]", beta, low=0, high=1, high_open=True)
+        check_int("warmup_steps", self.warmup_steps, low=0, high=self.steps)
+        check_float("min_lr_ratio", self.min_lr_ratio, low=0, high=1)
+        if self.grad_clip is not None:
+            check_float("grad_clip", self.grad_clip, low=0, low_open=True)
+        check_int("checkpoint_every", self.checkpoint_every, high=MAX_STEPS)
+        check_int("log_every", self.log_every, high=MAX_STEPS)
+        check_int("seed", self.seed, low=0, high=MAX_SEED)
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.warmup_steps < 0 or self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
 
 
 def cosine_with_warmup(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
@@ -103,7 +118,8 @@ def run_training(
     accelerator: Any = None,
     on_checkpoint: Callable[[nn.Module, int], None] | None = None,
 ) -> tuple[nn.Module, list[float]]:
-    """Train ``model`` to ``config.steps`` steps, resuming from ``out_dir/checkpoint`` if present.
+    """Train ``model`` to ``config.steps`` steps, resuming from the newest complete checkpoint in
+    ``out_dir`` (see :mod:`rudalle_pipe.train.checkpoints` for the crash-proof layout).
 
     Args:
         name: stage name for the progress bar and logs.
@@ -112,11 +128,16 @@ def run_training(
             caller through ``accelerator.device``; pass CPU tensors).
         parameters: the parameters to optimise (default: all that require grad).
         accelerator: an ``accelerate.Accelerator`` to reuse (one is created otherwise).
-        on_checkpoint: called on the main process as ``on_checkpoint(unwrapped_model, step)`` after
-            every checkpoint (e.g. to also write the model in the Hugging Face layout).
+        on_checkpoint: called on the main process as ``on_checkpoint(unwrapped_model, step)`` at
+            every checkpoint, after the state is written and before it becomes the current one (e.g.
+            to also write the model in the Hugging Face layout); if it fails, the older checkpoint stays.
 
     Returns:
         The unwrapped model and the losses of the steps run in this call.
+
+    Raises:
+        ValueError: ``out_dir/loss_log.csv`` was not written by this package (it is left unchanged).
+        FileExistsError: ``out_dir/checkpoint`` is a folder this package did not write.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -124,35 +145,32 @@ def run_training(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     accelerator = accelerator or Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    if accelerator.is_main_process:
+        checkpoints.check_state_dir(out_dir)
+    accelerator.wait_for_everyone()
     set_seed(config.seed)
     params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(
         s, total=config.steps, warmup=config.warmup_steps, min_ratio=config.min_lr_ratio))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # every process trains on the same get_batch(step): one optimizer step is one schedule step (accelerate
+    # would otherwise advance the prepared scheduler num_processes times per step under `accelerate launch`)
+    scheduler.step_with_optimizer = False
 
-    checkpoint = out_dir / "checkpoint"
-    state_file = checkpoint / "progress.json"
-    start = 0
-    if state_file.is_file():
-        accelerator.load_state(str(checkpoint))
-        start = json.loads(state_file.read_text())["step"]
+    start = checkpoints.load_checkpoint(accelerator, out_dir, name)
+    if start > config.steps:
+        raise ValueError(f"{name}: the checkpoint in {out_dir} is at step {start}, past steps={config.steps}")
+    if start:
         logger.info("%s: resuming from step %d of %d", name, start, config.steps)
-    log_path = out_dir / "loss_log.csv"
-    if log_path.exists():  # drop rows logged after the checkpoint we resume from
-        rows = list(csv.reader(log_path.open()))
-        kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= start]
-        with open(log_path, "w", newline="") as f:
-            csv.writer(f).writerows(kept)
-    new_log = not log_path.exists()
+    main = accelerator.is_main_process
+    log_path = checkpoints.prepare_log(out_dir, start) if main else None  # drops rows after ``start``
+    accelerator.wait_for_everyone()
     losses: list[float] = []
     model.train()
-    bar = tqdm(total=config.steps, initial=start, desc=name, disable=not progress or not accelerator.is_main_process)
+    bar = tqdm(total=config.steps, initial=start, desc=name, disable=not progress or not main)
     t0 = time.perf_counter()
-    with open(log_path, "a", newline="") as log_file:
-        writer = csv.writer(log_file)
-        if new_log:
-            writer.writerow(["step", "loss", "lr", "seconds"])
+    with open(log_path, "a", newline="") if main else contextlib.nullcontext() as log_file:
         for step in range(start, config.steps):
             batch = get_batch(step)
             with accelerator.autocast():
@@ -170,17 +188,14 @@ def run_training(
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
             done = step + 1
-            if done % config.log_every == 0 or done == config.steps:
-                writer.writerow([done, f"{value:.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
-                                 f"{time.perf_counter() - t0:.1f}"])
-                log_file.flush()
+            if main and (done % config.log_every == 0 or done == config.steps):
+                checkpoints.write_log_row(log_file, [done, f"{value:.6f}", f"{scheduler.get_last_lr()[0]:.3e}",
+                                                     f"{time.perf_counter() - t0:.1f}"])
             if done % config.checkpoint_every == 0 or done == config.steps:
-                accelerator.wait_for_everyone()
-                accelerator.save_state(str(checkpoint))
-                if accelerator.is_main_process:
-                    state_file.write_text(json.dumps({"step": done, "config": asdict(config)}, indent=2))
-                    if on_checkpoint is not None:
-                        on_checkpoint(accelerator.unwrap_model(model), done)
+                export = None
+                if on_checkpoint is not None:
+                    export = functools.partial(on_checkpoint, accelerator.unwrap_model(model), done)
+                checkpoints.save_checkpoint(accelerator, out_dir, done, {"config": asdict(config)}, export)
     bar.close()
     model.eval()
     return accelerator.unwrap_model(model), losses
@@ -250,4 +265,6 @@ def is_main_process() -> bool:
     """True on the process that writes final files (always True without ``accelerate launch``)."""
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    # the same device choice as run_training's Accelerator: the first PartialState fixes the process
+    # group for the whole program, and one made without cpu=True on a CPU-only machine is not distributed
+    return PartialState(cpu=not torch.cuda.is_available()).is_main_process

@@ -13,6 +13,7 @@ random code (a blob in the top-left corner that drags the background colour alon
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from .. import files
 from ..dalle import DalleConfig, DalleModel
 from ..tokenizer import YTTMTokenizer, prepare_text
 from ..vae import VQGAN
@@ -83,14 +85,25 @@ def tokenize_captions(tokenizer: YTTMTokenizer, captions: Sequence[Sequence[str]
 
 
 def _load_or_encode(path: Path, vae: VQGAN, scenes: list, size: int, progress: bool) -> torch.Tensor:
-    """Codes of ``scenes``' renders, cached in ``path`` (re-encoded when the cache does not match)."""
+    """Codes of ``scenes``' renders, cached in ``path`` (written atomically) under a key of the scene
+    list and the VQGAN's codebook; a stale cache is re-encoded, an unreadable one too, with a warning."""
+    digest = hashlib.sha256(f"{size}:{scenes!r}".encode("utf-8"))
+    digest.update(vae.quantize.embed.weight.detach().float().cpu().numpy().tobytes())
+    key = digest.hexdigest()
     if path.is_file():
-        cached = torch.load(path, weights_only=True)
-        if cached.shape[0] == len(scenes):
-            return cached
+        try:
+            cached = torch.load(path, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a torn or foreign file: encode again
+            logger.warning("dalle: the codes cache %s is unreadable (%s); encoding again", path, err)
+            cached = None
+        if isinstance(cached, dict) and cached.get("key") == key and isinstance(cached.get("codes"), torch.Tensor):
+            return cached["codes"]
+        if cached is not None:
+            logger.info("dalle: the codes cache %s is for other scenes or another VQGAN; encoding again", path)
     codes = encode_dataset(vae, render_scenes(scenes, size, progress=progress))
     if is_main_process():
-        torch.save(codes, path)
+        stored = {"key": key, "codes": codes}
+        files.atomic_write(path, lambda f: torch.save(stored, f))
     return codes
 
 
@@ -169,6 +182,7 @@ def train(out_dir: str | Path, *, config: DalleTrainConfig = DalleTrainConfig(),
                "parameters": sum(p.numel() for p in model.parameters()), "config": asdict(config)}
     logger.info("dalle: final loss %s, held-out loss %.4f", metrics["final_loss"], metrics["heldout"]["loss"])
     if is_main_process():
-        model.save_pretrained(final)
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        files.atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
+        with files.atomic_directory(final) as folder:  # last: final/ exists only when complete
+            model.save_pretrained(folder)
     return final

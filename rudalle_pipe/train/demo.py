@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .. import files
 from ..pipeline import BUNDLED_DIR, FORMAT
 from ..vae import VQGANConfig
 from .common import LoopConfig, all_captions, all_scenes, is_main_process, render_scenes
@@ -94,7 +95,7 @@ def _to_fp16_copy(src: Path, dst: Path) -> None:
             config = json.loads(path.read_text())
             if "dtype" in config:
                 config["dtype"] = str(torch.float16).removeprefix("torch.")
-            (dst / path.name).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+            files.atomic_write(dst / path.name, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         elif path.is_file():
             shutil.copy2(path, dst / path.name)
 
@@ -104,15 +105,16 @@ def assemble(out_dir: Path, parts: dict[str, Path], name: str = "demo") -> Path:
     that :func:`rudalle_pipe.pipeline.load_pipeline` loads it."""
     from ..pipeline import load_pipeline
 
-    if out_dir.exists():
+    if out_dir.exists():  # an earlier assembly of this run's own stages
         shutil.rmtree(out_dir)
-    (out_dir / "tokenizer").mkdir(parents=True)
-    shutil.copy2(parts["tokenizer"], out_dir / "tokenizer" / "bpe.model")
-    for key in ("dalle", "vae", "clip", "upscaler"):
-        if key in parts:
-            _to_fp16_copy(parts[key], out_dir / key)
-    meta = {"format": FORMAT, "version": 1, "name": name}
-    (out_dir / "pipeline.json").write_text(json.dumps(meta, indent=2) + "\n")
+    with files.atomic_directory(out_dir) as tmp:  # never a half pipeline under the real name
+        (tmp / "tokenizer").mkdir(parents=True)
+        shutil.copy2(parts["tokenizer"], tmp / "tokenizer" / "bpe.model")
+        for key in ("dalle", "vae", "clip", "upscaler"):
+            if key in parts:
+                _to_fp16_copy(parts[key], tmp / key)
+        meta = {"format": FORMAT, "version": 1, "name": name}
+        files.atomic_write(tmp / "pipeline.json", json.dumps(meta, indent=2) + "\n")
     total = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     logger.info("pipeline %s: %.2f MB", out_dir, total / 2**20)
     if total > MAX_PIPELINE_BYTES:
@@ -128,11 +130,22 @@ def assemble(out_dir: Path, parts: dict[str, Path], name: str = "demo") -> Path:
 def install(pipeline_dir: str | Path, *, overwrite: bool = False, name: str = "demo") -> Path:
     """Copy a pipeline directory into the package (``rudalle_pipe/weights/<name>``)."""
     target = BUNDLED_DIR / name
-    if target.exists():
-        if not overwrite:
-            raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
-        shutil.rmtree(target)
-    shutil.copytree(pipeline_dir, target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
+    staged = target.parent / f".{name}.install.tmp"
+    if staged.exists():  # left by an interrupted install
+        shutil.rmtree(staged)
+    with files.atomic_directory(staged) as tmp:
+        shutil.copytree(pipeline_dir, tmp, dirs_exist_ok=True)
+    if target.exists():  # swap: the old pipeline stays whole until the new one is complete
+        old = target.parent / f".{name}.old.tmp"
+        if old.exists():
+            shutil.rmtree(old)
+        target.rename(old)
+        staged.rename(target)
+        shutil.rmtree(old)
+    else:
+        staged.rename(target)
     logger.info("installed %s -> %s", pipeline_dir, target)
     return target
 
@@ -167,7 +180,7 @@ def train_demo(out_dir: str | Path, *, quick: bool = False, progress: bool = Tru
         # summed over reruns: an interrupted stage's time counts, a skipped stage adds ~0
         timings["stages"][stage] = round(timings["stages"].get(stage, 0.0) + seconds, 1)
         if is_main_process():
-            timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+            files.atomic_write(timings_path, json.dumps(timings, indent=2) + "\n")
         logger.info("stage %s: %.1f s", stage, seconds)
         return result
 
@@ -199,7 +212,7 @@ def train_demo(out_dir: str | Path, *, quick: bool = False, progress: bool = Tru
         timings["this_run_s"] = round(time.perf_counter() - t_start, 1)
         timings["pipeline_mb"] = round(sum(p.stat().st_size for p in pipeline_dir.rglob("*") if p.is_file())
                                        / 2**20, 2)
-        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
+        files.atomic_write(timings_path, json.dumps(timings, indent=2) + "\n")
         if do_install:
             install(pipeline_dir, overwrite=overwrite)
     return pipeline_dir

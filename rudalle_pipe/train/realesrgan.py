@@ -30,6 +30,7 @@ from PIL import Image
 from torch import nn
 
 from rudalle_pipe import shapes
+from rudalle_pipe import files
 from rudalle_pipe.hub import load_pretrained, save_pretrained
 from rudalle_pipe.realesrgan import RRDBNet, RRDBNetConfig
 from rudalle_pipe.train.common import LoopConfig, run_training
@@ -254,7 +255,8 @@ def train(out_dir: str | Path, *, config: SRTrainConfig = DEMO_CONFIG, vae_dir: 
                 held = make_pool(config.eval_images, split="heldout", seed=1)["lr"]
                 metrics["vae"] = evaluate(model, num_images=config.eval_images, inputs=vae_reconstruct(vae, held))
             logger.info("SR held-out PSNR: %s", metrics)
-            (out_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        save_pretrained(model, model.config, final, model_type="rrdbnet")
+            files.atomic_write(out_dir / "eval.json", json.dumps(metrics, indent=2) + "\n")
+        with files.atomic_directory(final) as folder:  # last: final/ exists only when complete
+            save_pretrained(model, model.config, folder, model_type="rrdbnet")
     accelerator.wait_for_everyone()
     return final

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .. import files
 from ..hub import load_pretrained, save_pretrained
 from ..vae import VQGAN, VQGANConfig
 from .common import LoopConfig, all_scenes, batch_indices, is_main_process, render_scenes, run_training
@@ -326,8 +327,9 @@ def train(out_dir: str | Path, *, config: VQGANTrainConfig = VQGANTrainConfig(),
                "final_loss": losses[-1] if losses else None, "config": asdict(config)}
     logger.info("vqgan: held-out PSNR %.2f dB (%d codes used), train PSNR %.2f dB", psnr, used, train_psnr)
     if is_main_process():
-        save_pretrained(vae, vae.config, final, model_type="vqgan")
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        files.atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
+        with files.atomic_directory(final) as folder:  # last: final/ exists only when complete
+            save_pretrained(vae, vae.config, folder, model_type="vqgan")
     return final
 
 
