@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import rudalle_pipe.files as files
@@ -427,6 +428,10 @@ def load_once(monkeypatch):
 
     monkeypatch.setattr(rudalle_pipe.pipeline, "load_pipeline", load)
     monkeypatch.setattr(rudalle_pipe.generation, "generate_images", generate)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: idle OpenMP workers only slow a shared CPU down (30x seen)
+    yield
+    torch.set_num_threads(threads)
 
 
 NEW = ["--num-images", 3, "--rerank", 2, "--upscale", "x4", "--seed", 1]
