@@ -168,11 +168,10 @@ def write_run(out: Path, outputs: Iterable[tuple[str, Callable[[], bytes]]], pre
             rename_into_place(tmp, out / name, overwrite=name in previous)
         fsync_dir(out)  # the renames are durable: the run is complete
     except BaseException:
-        _remove(staged.values())
-        # a file of this run in place is recognised by its inode (a rename or a hard link keeps it),
-        # so a failure between two steps of a rename is covered, and a user's file is never taken for one
+        # a file of this run in place is recognised by its inode (a rename or a hard link keeps it), so
+        # a failure between the two steps of a rename is covered, and a user's file is never taken for one
         ours = [out / n for n, ident in identity.items() if _identity(out / n) == ident]
-        _remove(ours)
+        _remove([*staged.values(), *ours])
         if previous and (ours or stale_removed):  # the previous run is no longer whole: a mix is worse than none
             _remove([out / RESULTS] + [out / n for n in sorted(previous)])  # its record first
             logger.warning("the run failed while its files were moved into place; the previous run's files "
