@@ -96,7 +96,7 @@ def _resolve_model(name: str) -> _Source:
     try:
         kind, directory = resolve_pipeline(name, what="model")
     except ValueError as err:
-        raise UsageError(str(err)) from err
+        raise UsageError(f"--model: {err}") from err
     if directory is None:  # a Hub generator preset: the 256 px Sber VQGAN
         dalle = DalleConfig(**PRETRAINED[name].config)
         return _Source(name, kind, dalle.image_vocab_size, None, True,
@@ -148,7 +148,7 @@ def _check_generate_args(args: argparse.Namespace) -> tuple[_Source, list[str]]:
 
     _check_text("TEXT", args.text)
     if not args.text.strip():
-        raise UsageError("the text is empty; give a prompt, e.g. rudalle-pipe generate 'рыжий котик'")
+        raise UsageError("TEXT is empty; give a prompt, e.g. rudalle-pipe generate 'рыжий котик'")
     if args.model is not None:
         _check_text("--model", args.model)  # recorded in results.json
     source = _resolve_model(args.model or default_model())

@@ -75,6 +75,14 @@ def test_bad_values_exit_2_naming_the_flag_before_loading(pipe_dir, tmp_path, ca
     assert no_load == [] and stdout == "" and not out.exists()
 
 
+def test_empty_text_and_unknown_model_name_their_argument(tmp_path, capsys, no_load):
+    code, _, stderr = run(capsys, "generate", "  ", "--out", tmp_path / "o")
+    assert code == EXIT_USAGE and _one_line_error(stderr).startswith("rudalle-pipe: error: TEXT is empty")
+    code, _, stderr = run(capsys, "generate", TEXT, "--model", "Picasso", "--out", tmp_path / "o")
+    assert code == EXIT_USAGE and "error: --model: unknown model 'Picasso'" in _one_line_error(stderr)
+    assert no_load == []
+
+
 def test_invalid_utf8_text_exits_2(pipe_dir, tmp_path, capsys, no_load):
     # Python turns undecodable argv bytes into lone surrogates (surrogateescape)
     code, _, stderr = run(capsys, "generate", "кот \udcff\udcfe", "--model", pipe_dir, "--out", tmp_path / "o")
