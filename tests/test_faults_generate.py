@@ -539,3 +539,25 @@ def test_show_writes_atomically_and_removes_its_files_on_failure(tmp_path, monke
     assert _listing(tmp_path) == ["cat_000.png", "cat_001.png", "cat_002.png", "grid.png", "notes.txt"]
     with Image.open(tmp_path / "cat_001.png") as saved:
         assert np.array_equal(np.asarray(saved), np.asarray(images[1]))
+
+
+# ------------------------------------------------------------------- a file system without hard links
+def test_run_on_a_file_system_without_hard_links(pipe_dir, tmp_path, capsys, monkeypatch):
+    """FAT and some network shares refuse os.link: new names are then reserved with an exclusive create
+    and replaced, so a run still works and still never replaces a file it did not expect."""
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(os, "link", no_links)
+    out = tmp_path / "out"
+    argv = ["generate", TEXT, "--model", pipe_dir, "--out", out, "--num-images", 1, "--seed", 1, "--no-progress"]
+    code, _, stderr = run(capsys, *argv)
+    assert code == 0, stderr
+    assert _listing(out) == ["contact_sheet.png", "image_000.png", "results.json"]
+    _assert_no_torn_file(out)
+    (tmp_path / "x").write_bytes(NOTES)
+    files.atomic_write(tmp_path / "y", b"new", overwrite=False)
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        files.atomic_write(tmp_path / "x", b"new", overwrite=False)
+    assert (tmp_path / "x").read_bytes() == NOTES and (tmp_path / "y").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
