@@ -11,8 +11,9 @@ Verbs:
 
 Exit status: 0 on success; 2 when the command line is wrong (argparse errors, invalid values such as
 ``--top-p 1.5``, an unknown ``--model``, a stage the chosen pipeline cannot run); 1 when running
-fails (missing weights offline, output files that already exist, any other error). Errors are one
-line on stderr; ``-v`` adds tracebacks and INFO logs.
+fails (missing weights offline, output files that already exist, an ``--out`` that cannot be written or
+lacks the room the run needs, any other error); 130 when interrupted. Errors are one line on stderr
+(never empty) naming the flag as typed; ``-v`` adds tracebacks and INFO logs.
 
 Adding a verb: write ``_add_<verb>(subparsers, common)`` that builds its subparser and sets
 ``func=<function(args) -> int>``, and append it to :data:`VERBS`.
@@ -56,7 +57,16 @@ def _one_line(message: object) -> str:
     return " ".join(str(message).split())
 
 
+def _describe(err: BaseException) -> str:
+    """One line for an error, never empty: the message, or the error's type when it has none."""
+    return _one_line(err) or f"{type(err).__name__} (no message; -v shows the traceback)"
+
+
 # ----------------------------------------------------------------------------------- generate
+FLAGS = {"top_k": "--top-k", "top_p": "--top-p", "temperature": "--temperature", "num_images": "--num-images",
+         "batch_size": "--batch-size", "seed": "--seed"}  # API argument -> its flag, for error messages
+
+
 @dataclass
 class _Source:
     """Where ``--model`` points, read without loading any weights."""
@@ -66,6 +76,7 @@ class _Source:
     image_vocab: int  # generator's image vocabulary (top_k upper bound)
     upscale_scales: Optional[tuple[int, ...]]  # scales available locally; None = any Hub scale
     has_clip: bool  # a CLIP reranker can be loaded
+    image_side: int  # side in px of a generated image (before upscaling)
 
 
 def default_model() -> str:
@@ -80,56 +91,73 @@ def _resolve_model(name: str) -> _Source:
     from .hub import read_config
     from .pipeline import resolve_pipeline
     from .registry import PRETRAINED
+    from .vae import VQGANConfig
 
     try:
         kind, directory = resolve_pipeline(name, what="model")
     except ValueError as err:
-        raise UsageError(str(err)) from err
-    if directory is None:  # a Hub generator preset
-        vocab = DalleConfig(**PRETRAINED[name].config).image_vocab_size
-        return _Source(name, kind, vocab, None, True)
-    vocab = read_config(directory / "dalle", DalleConfig, model_type="rudalle").image_vocab_size
+        raise UsageError(f"--model: {err}") from err
+    if directory is None:  # a Hub generator preset: the 256 px Sber VQGAN
+        dalle = DalleConfig(**PRETRAINED[name].config)
+        return _Source(name, kind, dalle.image_vocab_size, None, True,
+                       dalle.image_tokens_per_dim * VQGANConfig().downsample_factor)
+    dalle = read_config(directory / "dalle", DalleConfig, model_type="rudalle")
+    vae = read_config(directory / "vae", VQGANConfig, model_type="vqgan")
+    side = dalle.image_tokens_per_dim * vae.downsample_factor * (2 if vae.dwt else 1)
     scales: tuple[int, ...] = ()
     if (directory / "upscaler").is_dir():
         from .realesrgan import RRDBNetConfig
 
         scales = (read_config(directory / "upscaler", RRDBNetConfig, model_type="rrdbnet").scale,)
-    return _Source(name, kind, vocab, scales, (directory / "clip").is_dir())
+    return _Source(name, kind, dalle.image_vocab_size, scales, (directory / "clip").is_dir(), side)
 
 
 def _resolve_device(device: Optional[str]) -> str:
+    """``device`` if this torch can run on it (cpu; cuda, cuda:N and mps when available), else a
+    :class:`UsageError` listing the valid choices; ``None`` picks cuda if available, else cpu."""
     import torch
 
+    cuda = torch.cuda.is_available()
     if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError) as err:
-        raise UsageError(f"--device {device!r} is not a torch device ({_one_line(err)}); "
-                         "e.g. cpu, cuda, cuda:1") from err
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
-    if not available.get(kind, True):
-        raise UsageError(f"--device {device}: {kind} is not available here; use --device cpu")
+        return "cuda" if cuda else "cpu"
+    choices = ["cpu"]
+    if cuda:
+        choices += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        choices += ["mps", "mps:0"]
+    if device not in choices:
+        raise UsageError(f"--device {device!r} is not a device this torch can run on; valid choices: "
+                         f"{', '.join(choices)}")
     return device
 
 
-def _check_generate_args(args: argparse.Namespace) -> tuple[_Source, list[Path]]:
-    """Validate everything that needs no weights; return the model source and the output files."""
-    from .generation import check_count, seeds_for, check_sampling_args
+def _check_text(flag: str, value: str) -> None:
+    """Refuse text that is not valid UTF-8 (undecodable argv bytes arrive as lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = ord(value[err.start])
+        what = f"byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"U+{bad:04X}"
+        raise UsageError(f"{flag} is not valid UTF-8 ({what} at character {err.start}); pass UTF-8 text") from None
 
+
+def _check_generate_args(args: argparse.Namespace) -> tuple[_Source, list[str]]:
+    """Validate everything that needs no weights; return the model source and the image file names."""
+    from .generation import check_sampling_args
+    from .outputs import image_name
+
+    _check_text("TEXT", args.text)
     if not args.text.strip():
-        raise UsageError("the text is empty; give a prompt, e.g. rudalle-pipe generate 'рыжий котик'")
+        raise UsageError("TEXT is empty; give a prompt, e.g. rudalle-pipe generate 'рыжий котик'")
+    if args.model is not None:
+        _check_text("--model", args.model)  # recorded in results.json
     source = _resolve_model(args.model or default_model())
     if args.top_k is None:
         args.top_k = min(DEFAULT_TOP_K, source.image_vocab)
-    try:
+    try:  # counts are bounded (checks.MAX_IMAGES), floats finite
         check_sampling_args(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                            vocab=source.image_vocab)
-        check_count("num_images", args.num_images)
-        check_count("batch_size", args.batch_size)
-        if args.seed is not None:
-            seeds_for(args.num_images, args.seed, None)
+                            vocab=source.image_vocab, num_images=args.num_images, batch_size=args.batch_size,
+                            seed=args.seed, names=FLAGS)
     except (TypeError, ValueError) as err:
         raise UsageError(_one_line(err)) from err
     if args.rerank is not None and not 0 <= args.rerank <= args.num_images:
@@ -148,32 +176,30 @@ def _check_generate_args(args: argparse.Namespace) -> tuple[_Source, list[Path]]
         raise UsageError(f"--upscale {args.upscale}: pipeline {source.name!r} has no such upscaler; "
                          f"available: {available}")
     args.device = _resolve_device(args.device)
-    kept = args.rerank or args.num_images
+    return source, [image_name(i) for i in range(args.rerank or args.num_images)]
+
+
+def _check_out(args: argparse.Namespace, source: _Source, names: list[str]) -> frozenset[str]:
+    """Before loading any model: no file would be replaced that may not be, and ``--out`` is (or can
+    become) a writable folder with room for the run. Returns the previous run's files (see outputs)."""
+    from .files import check_writable_dir
+    from .outputs import check_targets, estimate_bytes
+
     out = Path(args.out)
-    targets = [out / f"image_{i:03d}.png" for i in range(kept)] + [out / "contact_sheet.png", out / "results.json"]
-    return source, targets
+    previous = check_targets(out, names, overwrite=args.overwrite)
+    scale = 1 if args.upscale == "none" else int(args.upscale[1:])
+    needed = estimate_bytes(num_images=args.num_images, kept=len(names), side=source.image_side, scale=scale,
+                            text=args.text)
+    check_writable_dir(out, needed_bytes=needed, what="--out")
+    return previous
 
 
-def _check_targets(out: Path, targets: list[Path], overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} exists and is not a directory")
-    if not overwrite:
-        for path in targets:
-            if path.exists():
-                raise FileExistsError(f"{path} already exists; pass --overwrite or choose another --out")
-
-
-def _write(path: Path, data: bytes, overwrite: bool) -> None:
-    with open(path, "wb" if overwrite else "xb") as f:  # "x": never replace a file that appeared meanwhile
-        f.write(data)
-
-
-def _png(image) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+def _finite_or_none(value: Optional[float], what: str) -> Optional[float]:
+    """JSON has no NaN/inf: such a number is written as null, with a warning."""
+    if value is None or math.isfinite(value):
+        return value
+    logger.warning("%s is %s; written as null in results.json", what, value)
+    return None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -183,13 +209,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .clip import cherry_pick_by_clip
     from .generation import generate_images
     from .hub import WeightsNotFoundError
+    from .outputs import CONTACT_SHEET, RESULTS, png_bytes, sheet_columns, write_run
     from .pipeline import load_pipeline
     from .realesrgan import super_resolution
     from .show import image_grid
 
-    source, targets = _check_generate_args(args)
+    source, names = _check_generate_args(args)
+    previous = _check_out(args, source, names)
     out = Path(args.out)
-    _check_targets(out, targets, args.overwrite)
     progress = not args.no_progress
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -212,6 +239,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                           num_images=args.num_images, temperature=args.temperature, batch_size=args.batch_size,
                           seed=args.seed, progress=progress)
     timings["generate"] = time.perf_counter() - tick
+    perplexities = [_finite_or_none(p, f"the perplexity of candidate {i}") for i, p in enumerate(gen.perplexities)]
 
     # 3. rerank with CLIP and keep the best --rerank (or keep all, in generation order)
     tick = time.perf_counter()
@@ -222,7 +250,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                      progress=progress)  # all candidates: dropped ones get a score too
         order = ranked.indices[: args.rerank]
         for i, score in zip(ranked.indices, ranked.scores):
-            scores[i] = score
+            scores[i] = _finite_or_none(score, f"the CLIP score of candidate {i}")
     timings["rerank"] = time.perf_counter() - tick
 
     # 4. upscale the kept images
@@ -234,54 +262,63 @@ def cmd_generate(args: argparse.Namespace) -> int:
         kept = super_resolution(kept, pipe.upscaler, progress=progress)
     timings["upscale"] = time.perf_counter() - tick
 
-    # 5. write images, contact sheet and results.json
+    # 5. images, contact sheet, then results.json (the completion record): each written under a
+    #    temporary name, then all renamed into place; a failure leaves no file of this run (see outputs)
     tick = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    nrow = math.ceil(math.sqrt(args.num_images))
-    for path, image in zip(targets, kept):
-        _write(path, _png(image), args.overwrite)
-    _write(targets[-2], _png(image_grid(gen.images, nrow=nrow)), args.overwrite)
-    timings["save"] = time.perf_counter() - tick
-    timings["total"] = time.perf_counter() - start
-    results = {
-        "text": args.text,
-        "model": source.name,
-        "model_kind": source.kind,
-        "settings": {"top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature,
-                     "num_images": args.num_images, "seed": args.seed, "batch_size": args.batch_size,
-                     "rerank": args.rerank, "upscale": args.upscale, "device": args.device, "dtype": args.dtype},
-        "images": [{"file": path.name, "seed": gen.seeds[i], "perplexity": gen.perplexities[i],
-                    "clip_score": scores[i], "index": i, "size": list(image.size)}
-                   for path, i, image in zip(targets, order, kept)],
-        "candidates": [{"index": i, "seed": gen.seeds[i], "perplexity": gen.perplexities[i],
-                        "clip_score": scores[i]} for i in range(args.num_images)],
-        "contact_sheet": {"file": targets[-2].name, "nrow": nrow, "order": "candidate index"},
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-    }
-    _write(targets[-1], (json.dumps(results, indent=2, ensure_ascii=False) + "\n").encode("utf-8"), args.overwrite)
+    nrow = sheet_columns(args.num_images)
+
+    def record() -> bytes:
+        timings["save"] = time.perf_counter() - tick
+        timings["total"] = time.perf_counter() - start
+        results = {
+            "text": args.text,
+            "model": source.name,
+            "model_kind": source.kind,
+            "settings": {"top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature,
+                         "num_images": args.num_images, "seed": args.seed, "batch_size": args.batch_size,
+                         "rerank": args.rerank, "upscale": args.upscale, "device": args.device,
+                         "dtype": args.dtype},
+            "images": [{"file": name, "seed": gen.seeds[i], "perplexity": perplexities[i], "clip_score": scores[i],
+                        "index": i, "size": list(image.size)} for name, i, image in zip(names, order, kept)],
+            "candidates": [{"index": i, "seed": gen.seeds[i], "perplexity": perplexities[i],
+                            "clip_score": scores[i]} for i in range(args.num_images)],
+            "contact_sheet": {"file": CONTACT_SHEET, "nrow": nrow, "order": "candidate index"},
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        }
+        return (json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+    outputs = [(name, lambda image=image: png_bytes(image)) for name, image in zip(names, kept)]
+    outputs += [(CONTACT_SHEET, lambda: png_bytes(image_grid(gen.images, nrow=nrow))), (RESULTS, record)]
+    write_run(out, outputs, previous)
     plural = "s" if len(kept) != 1 else ""
-    sys.stdout.write(f"wrote {len(kept)} image{plural}, {targets[-2].name} and {targets[-1].name} to {out}\n")
+    sys.stdout.write(f"wrote {len(kept)} image{plural}, {CONTACT_SHEET} and {RESULTS} to {out}\n")
     return EXIT_OK
 
 
 def _add_generate(subparsers, common: argparse.ArgumentParser) -> None:
+    from .checks import MAX_IMAGES
+
     p = subparsers.add_parser(
         "generate", parents=[common], help="text -> images: generate, rerank, upscale, save",
         description="Generate images for TEXT with the whole chain: load -> generate -> CLIP rerank -> "
                     "Real-ESRGAN upscale, and write PNGs (best first), contact_sheet.png (all candidates) "
-                    "and results.json into --out. Existing files are never replaced without --overwrite.",
-        epilog="Exit status: 0 ok, 1 runtime failure (missing weights, existing files, ...), 2 bad command line.")
+                    "and results.json into --out. Every argument, the folder and its free space are checked "
+                    "before any model loads. results.json is written last and lists the run's files; a failed "
+                    "or interrupted run leaves none of its files behind.",
+        epilog="Exit status: 0 ok, 1 runtime failure (missing weights, existing files, --out not writable or "
+               "too full, ...), 2 bad command line, 130 interrupted.")
     p.add_argument("text", metavar="TEXT", help="the prompt (Russian for the ruDALL-E models)")
     p.add_argument("--model", default=None,
                    help="a bundled pipeline, a Hub generator (see `rudalle-pipe models`) or a pipeline "
                         "directory; default: demo if bundled, else Malevich")
-    p.add_argument("--num-images", type=int, default=4, metavar="N", help="candidates to generate (default: 4)")
+    p.add_argument("--num-images", type=int, default=4, metavar="N",
+                   help=f"candidates to generate, in [1, {MAX_IMAGES}] (default: 4)")
     p.add_argument("--top-k", type=int, default=None, metavar="K",
                    help=f"keep the K most likely codes (default: {DEFAULT_TOP_K}, or the model's image vocabulary "
                         "if smaller)")
     p.add_argument("--top-p", type=float, default=0.995, metavar="P",
                    help="nucleus threshold in (0, 1] (default: 0.995)")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="> 0 (default: 1.0)")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="finite, > 0 (default: 1.0)")
     p.add_argument("--seed", type=int, default=None, metavar="S",
                    help="candidate i uses seed S+i (default: random seeds, written to results.json)")
     p.add_argument("--rerank", type=int, default=None, metavar="N",
@@ -291,10 +328,15 @@ def _add_generate(subparsers, common: argparse.ArgumentParser) -> None:
                    help="Real-ESRGAN factor for the kept images (default: the pipeline's upscaler, x4 for Hub "
                         "models; none if it has none)")
     p.add_argument("--out", default="rudalle_out", metavar="DIR", help="output directory (default: ./rudalle_out)")
-    p.add_argument("--device", default=None, metavar="D", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, metavar="D",
+                   help="cpu, cuda, cuda:N or mps, as available here (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="generator precision (default: float32)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per forward pass (default: 8)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B",
+                   help=f"images per forward pass, in [1, {MAX_IMAGES}] (default: 8)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the previous run in --out: the files its results.json lists are replaced or "
+                        "removed (stale images of a larger run too); any other file is never touched, and a file "
+                        "with a name this run writes that no results.json lists is refused")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="Hugging Face cache (default: the HF default)")
     p.set_defaults(func=cmd_generate)
@@ -530,7 +572,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as exit_:  # --help / --version
         return exit_.code if isinstance(exit_.code, int) else EXIT_OK
     except UsageError as err:
-        sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")
+        sys.stderr.write(f"{PROG}: error: {_describe(err)}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted\n")
@@ -538,7 +580,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as err:  # noqa: BLE001 - every failure becomes one line (traceback with -v)
         if args is not None and args.verbose:
             traceback.print_exc(file=sys.stderr)
-        sys.stderr.write(f"{PROG}: error: {_one_line(err)}\n")
+        sys.stderr.write(f"{PROG}: error: {_describe(err)}\n")
         return EXIT_FAILURE
     finally:
         package_logger.removeHandler(handler)

@@ -26,8 +26,8 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterator, Union
 
-__all__ = ["atomic_write", "atomic_directory", "resolve_inside", "read_bounded", "check_writable_dir",
-           "fsync_tree", "UnsafePathError"]
+__all__ = ["atomic_write", "rename_into_place", "fsync_dir", "atomic_directory", "resolve_inside", "read_bounded",
+           "check_writable_dir", "fsync_tree", "UnsafePathError"]
 
 Payload = Union[bytes, str, Callable[[BinaryIO], None]]
 
@@ -52,6 +52,11 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_dir(directory: Union[str, os.PathLike]) -> None:
+    """Make renames inside ``directory`` durable, e.g. after :func:`rename_into_place` (best effort)."""
+    _fsync_dir(Path(directory))
 
 
 def atomic_write(path: Union[str, os.PathLike], data: Payload, *, overwrite: bool = True,
@@ -80,20 +85,39 @@ def atomic_write(path: Union[str, os.PathLike], data: Payload, *, overwrite: boo
                 f.write(data.encode(encoding) if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails if the target exists: never replaces a file
-            except FileExistsError:
-                raise FileExistsError(f"{path} exists; refusing to overwrite it") from None
-            os.unlink(tmp)
+        rename_into_place(tmp, path, overwrite=overwrite)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def rename_into_place(tmp: Union[str, os.PathLike], path: Union[str, os.PathLike], *, overwrite: bool) -> None:
+    """Rename the finished file ``tmp`` to ``path`` in the same folder (the commit of a write).
+
+    ``overwrite=False`` never replaces a file, even one that appeared meanwhile: it raises
+    ``FileExistsError`` and leaves ``tmp`` in place. (A hard link does that atomically; on a file
+    system without hard links the name is reserved with an exclusive create, then replaced.)
+    """
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if the target exists: never replaces a file
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; refusing to overwrite it") from None
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise
+        try:  # no hard links here (FAT, some network shares): reserve the name, then replace it
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            raise FileExistsError(f"{path} exists; refusing to overwrite it") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def fsync_tree(directory: Union[str, os.PathLike]) -> None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checks import check_count
+from .checks import MAX_IMAGES, check_count, check_float, check_int
 from .dalle import DalleModel, DalleOutput, uses_numpy_blas
 
 logger = logging.getLogger(__name__)
@@ -47,20 +46,23 @@ class GenerationOutput:
     seeds: list[int] = field(default_factory=list)
 
 
-def check_sampling_args(*, top_k: int, top_p: float, temperature: float, vocab: int) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the bad value and the valid range."""
-    if not isinstance(top_k, int) or isinstance(top_k, bool):
-        raise TypeError(f"top_k must be an int in [1, {vocab}], got {top_k!r} ({type(top_k).__name__})")
-    if not 1 <= top_k <= vocab:
-        raise ValueError(f"top_k must be in [1, {vocab}] (the image vocabulary), got {top_k}")
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool):
-        raise TypeError(f"top_p must be a float in (0, 1], got {top_p!r} ({type(top_p).__name__})")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
-        raise TypeError(f"temperature must be a float > 0, got {temperature!r} ({type(temperature).__name__})")
-    if not temperature > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+def check_sampling_args(*, top_k: int, top_p: float, temperature: float, vocab: int, num_images: int = 1,
+                        batch_size: int = 1, seed: Optional[int] = None,
+                        names: Optional[Mapping[str, str]] = None) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the bad value and the valid range, before any work.
+
+    ``top_k`` in ``[1, vocab]``; ``top_p`` finite in ``(0, 1]``; ``temperature`` finite and ``> 0``;
+    ``num_images`` and ``batch_size`` in ``[1, MAX_IMAGES]`` (4096); ``seed`` (unless None) in
+    ``[0, 2**63 - 1 - num_images]``. ``names`` renames arguments in the messages (the command line
+    passes its flags, e.g. ``{"top_p": "--top-p"}``)."""
+    name = {k: k for k in ("top_k", "top_p", "temperature", "num_images", "batch_size", "seed")} | dict(names or {})
+    check_int(name["top_k"], top_k, low=1, high=vocab)
+    check_float(name["top_p"], top_p, low=0, high=1, low_open=True)
+    check_float(name["temperature"], temperature, low=0, low_open=True)
+    check_count(name["num_images"], num_images, high=MAX_IMAGES)
+    check_count(name["batch_size"], batch_size, high=MAX_IMAGES)
+    if seed is not None:
+        check_int(name["seed"], seed, low=0, high=_MAX_SEED - num_images)
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int, top_p: float, temperature: float = 1.0) -> torch.Tensor:
@@ -155,8 +157,7 @@ def seeds_for(num_images: int, seed: Optional[int], generator: Optional[torch.Ge
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
     if seed is not None:
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= _MAX_SEED - num_images:
-            raise ValueError(f"seed must be an int in [0, 2**63 - 1 - num_images], got {seed!r}")
+        check_int("seed", seed, low=0, high=_MAX_SEED - num_images)
         return [seed + i for i in range(num_images)]
     if generator is None:
         generator = torch.Generator()
@@ -281,9 +282,9 @@ def generate_images(
         vae: from :func:`rudalle_pipe.get_vae`.
         top_k: keep the k most likely image codes, in ``[1, 8192]``; ``top_k=1`` is greedy.
         top_p: nucleus threshold in ``(0, 1]``. Recommended pairs: 2048/0.995, 1536/0.99, 1024/0.99.
-        num_images: how many images, >= 1.
-        temperature: > 0; divides the logits before the filters.
-        batch_size: images sampled together; changes speed and memory, never the images.
+        num_images: how many images, in ``[1, 4096]`` (``checks.MAX_IMAGES``).
+        temperature: finite, > 0; divides the logits before the filters.
+        batch_size: images sampled together, in ``[1, 4096]``; changes speed and memory, never the images.
         generator: seeds are drawn from it (reproducible); or give ``seed`` (image i gets seed+i).
         use_cache: keep True; False recomputes the whole sequence at every step.
         progress: show a tqdm bar.
@@ -292,9 +293,8 @@ def generate_images(
 
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    check_sampling_args(top_k=top_k, top_p=top_p, temperature=temperature, vocab=dalle.config.image_vocab_size)
-    check_count("num_images", num_images)
-    check_count("batch_size", batch_size)
+    check_sampling_args(top_k=top_k, top_p=top_p, temperature=temperature, vocab=dalle.config.image_vocab_size,
+                        num_images=num_images, batch_size=batch_size, seed=seed)
     text_ids = tokenizer.encode_text(prepare_text(text), dalle.config.text_seq_length)
     seeds = seeds_for(num_images, seed, generator)
     logger.info("generating %d images for %r (top_k=%d, top_p=%s, temperature=%s)",

@@ -15,6 +15,8 @@ from typing import Sequence
 
 from PIL import Image
 
+from .checks import check_int
+from .files import atomic_write
 from .images import check_images
 
 logger = logging.getLogger(__name__)
@@ -37,22 +39,15 @@ def _check_images(images: Sequence[Image.Image]) -> list[Image.Image]:
     return images
 
 
-def _check_int(name: str, value: object, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int >= {low}, got {value!r} ({type(value).__name__})")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
 def _cell_size(images: list[Image.Image], size: int | tuple[int, int] | None) -> tuple[int, int]:
     """``(width, height)`` of one grid cell."""
     if size is None:
         return images[0].size
     if isinstance(size, tuple) and len(size) == 2:
         for value in size:
-            _check_int("size", value, 1)
+            check_int("size", value, low=1)
         return size
-    _check_int("size", size, 1)
+    check_int("size", size, low=1)
     return size, size
 
 
@@ -81,8 +76,8 @@ def image_grid(
         "RGB" (black background).
     """
     images = _check_images(images)
-    _check_int("nrow", nrow, 1)
-    _check_int("padding", padding, 0)
+    check_int("nrow", nrow, low=1)
+    check_int("padding", padding, low=0)
     width, height = _cell_size(images, size)
     if all(image.mode == "L" for image in images):
         mode = "L"
@@ -113,12 +108,6 @@ def _in_notebook() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
-def _write_png(image: Image.Image, path: Path, overwrite: bool) -> None:
-    """Save as PNG; without ``overwrite`` the file is created exclusively (never replaced)."""
-    with open(path, "wb" if overwrite else "xb") as f:
-        image.save(f, format="PNG")
-
-
 def show(
     images: Sequence[Image.Image],
     *,
@@ -141,7 +130,9 @@ def show(
             at its own size as ``{prefix}_{i:03d}.png``, all PNG.
         prefix: file name prefix of the single images.
         overwrite: replace existing files. Without it every target is checked before anything is
-            written, and an existing one raises ``FileExistsError`` naming it.
+            written, and an existing one raises ``FileExistsError`` naming it. Every file is written
+            atomically (a temporary name, then a rename); without ``overwrite`` a failure (full disk,
+            Ctrl-C) removes the files this call already wrote.
 
     Returns:
         The grid as a PIL image (see :func:`image_grid`).
@@ -157,8 +148,16 @@ def show(
                 if path.exists():
                     raise FileExistsError(f"{path} already exists; pass overwrite=True or choose another save_dir")
         directory.mkdir(parents=True, exist_ok=True)
-        for path, image in zip(targets, [grid, *images]):
-            _write_png(image, path, overwrite)
+        written = []
+        try:
+            for path, image in zip(targets, [grid, *images]):
+                atomic_write(path, lambda f, image=image: image.save(f, format="PNG"), overwrite=overwrite)
+                written.append(path)
+        except BaseException:  # a full disk or Ctrl-C: remove the files this call created
+            if not overwrite:
+                for path in written:
+                    path.unlink(missing_ok=True)
+            raise
         logger.info("saved %s and %d images to %s", targets[0].name, len(images), directory)
     if _in_notebook():
         importlib.import_module("IPython.display").display(grid)

@@ -159,14 +159,16 @@ def test_generate_images_end_to_end(pipeline):
     (dict(top_k=0), ValueError, r"top_k must be in \[1, 50\].*got 0"),
     (dict(top_k=51), ValueError, r"top_k must be in \[1, 50\]"),
     (dict(top_k=2.5), TypeError, "top_k must be an int"),
-    (dict(top_p=0.0), ValueError, r"top_p must be in \(0, 1\], got 0.0"),
-    (dict(top_p=1.5), ValueError, r"top_p must be in \(0, 1\], got 1.5"),
-    (dict(temperature=0), ValueError, "temperature must be > 0, got 0"),
-    (dict(temperature=-1.0), ValueError, "temperature must be > 0"),
-    (dict(num_images=0), ValueError, "num_images must be >= 1, got 0"),
-    (dict(batch_size=0), ValueError, "batch_size must be >= 1, got 0"),
+    (dict(top_p=0.0), ValueError, r"top_p must be a finite number in \(0, 1\], got 0.0"),
+    (dict(top_p=1.5), ValueError, r"top_p must be a finite number in \(0, 1\], got 1.5"),
+    (dict(temperature=0), ValueError, "temperature must be a finite number > 0, got 0"),
+    (dict(temperature=-1.0), ValueError, "temperature must be a finite number > 0"),
+    (dict(temperature=float("inf")), ValueError, "temperature must be a finite number > 0, got inf"),
+    (dict(num_images=0), ValueError, r"num_images must be in \[1, 4096\], got 0"),
+    (dict(batch_size=0), ValueError, r"batch_size must be in \[1, 4096\], got 0"),
     (dict(seed=1, generator=torch.Generator()), ValueError, "either seed or generator"),
-    (dict(seed=-3), ValueError, "seed must be an int"),
+    (dict(seed=-3), ValueError, r"seed must be in \[0, "),
+    (dict(seed=2.0), TypeError, "seed must be an int"),
 ])
 def test_bad_sampling_arguments(pipeline, kwargs, error, match):
     tokenizer, dalle, vae = pipeline
