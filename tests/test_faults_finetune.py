@@ -619,3 +619,48 @@ def test_finetune_resumes_under_a_two_process_launch(tmp_path):
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]  # one writer, the rows after step 2 replaced
     with open(tmp_path / "a" / "loss_log.csv", newline="") as f:
         assert [r["lr"] for r in csv.DictReader(f)] == ["3.000e-03", "2.325e-03", "9.750e-04", "3.000e-04"]
+
+
+class _Payload:
+    """Unpickling this calls ``Path.touch(marker)``: code execution, if anything fully unpickles it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_hostile_checkpoint_file_is_never_unpickled(tmp_path, tokenizer, monkeypatch, caplog):
+    """accelerate < 1.2 (and any accelerate on torch < 2.4) reads optimizer.bin with a full unpickle;
+    emulate that and check that resuming from a checkpoint whose optimizer.bin is hostile runs no
+    code: the file is refused (the run falls back to starting over) and the marker never appears."""
+    import accelerate
+
+    data = _data(tmp_path / "data")
+    kw = {"steps": 4, "keep_checkpoints": 0}
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _stop_at(patch, 3)
+        with pytest.raises(KeyboardInterrupt):
+            _finetune(tokenizer, data, out, **kw)
+    marker = tmp_path / "code-ran"
+    optimizer = out / "checkpoint" / "optimizer.bin"
+    torch.save({"state": _Payload(marker)}, optimizer)
+    progress = out / "checkpoint" / "progress.json"
+    record = json.loads(progress.read_text())
+    record["files"]["optimizer.bin"] = optimizer.stat().st_size  # a consistent, complete-looking checkpoint
+    progress.write_text(json.dumps(record))
+
+    real_load_state = accelerate.Accelerator.load_state
+
+    def old_accelerate_load_state(self, input_dir, **kwargs):  # what accelerate 0.30 does first
+        torch.load(Path(input_dir) / "optimizer.bin", map_location="cpu", weights_only=False)
+        return real_load_state(self, input_dir, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "load_state", old_accelerate_load_state)
+    caplog.set_level(logging.WARNING)
+    with pytest.raises(RuntimeError, match="no checkpoint"):
+        _finetune(tokenizer, data, out, **kw)
+    assert not marker.exists()
+    assert "optimizer.bin is not a plain tensor/data pickle" in caplog.text

@@ -23,6 +23,7 @@ file moves and log writes happen on the main process between ``wait_for_everyone
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -39,7 +40,7 @@ from .. import files
 logger = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT", "PREVIOUS", "MARKER", "EXPORT_MARKER", "LOG_HEADER", "save_checkpoint",
-           "load_checkpoint", "has_checkpoint", "check_state_dir", "read_log", "prepare_log", "write_log_row",
+           "load_checkpoint", "check_pickles", "has_checkpoint", "check_state_dir", "read_log", "prepare_log", "write_log_row",
            "write_export", "rotate_exports", "foreign_exports"]
 
 CHECKPOINT, PREVIOUS, NEW = "checkpoint", "checkpoint-previous", ".checkpoint-new.tmp"
@@ -100,6 +101,44 @@ def has_checkpoint(out_dir: Path) -> bool:
     return any((out_dir / name).is_dir() for name in (CHECKPOINT, PREVIOUS))
 
 
+def check_pickles(directory: Path) -> None:
+    """Prove that every pickle-based file of the checkpoint ``directory`` holds only tensors and plain
+    data, by reading it with ``torch.load(weights_only=True)`` (memory-mapped, so nothing large is
+    read twice) before ``Accelerator.load_state`` reads it again.
+
+    accelerate before 1.2, and any accelerate on torch before 2.4, reads ``optimizer.bin``,
+    ``scheduler.bin`` and the RNG ``.pkl`` files with a full unpickle; a file that passes this check
+    holds nothing that a full unpickle could execute. The safe types accelerate itself allows (numpy
+    arrays in the RNG state) are allowed here too.
+
+    Raises:
+        ValueError: a file holds something else (a hostile or foreign file), naming it.
+    """
+    import torch
+
+    try:
+        from accelerate.utils.other import TORCH_SAFE_GLOBALS as safe
+    except ImportError:  # older accelerate: torch's own allow-list only
+        safe = []
+    allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+    if allow is None and hasattr(torch.serialization, "add_safe_globals"):  # torch 2.4: as accelerate does
+        torch.serialization.add_safe_globals(list(safe))
+    for path in sorted(directory.rglob("*")):
+        if not path.is_file() or path.suffix in (".safetensors", ".json"):
+            continue
+        try:
+            with (allow(list(safe)) if allow is not None else contextlib.nullcontext()):
+                try:
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as err:
+                    if "mmap" not in str(err):
+                        raise
+                    torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any refusal means: do not let accelerate unpickle it
+            raise ValueError(f"{path} is not a plain tensor/data pickle (torch.load(weights_only=True) refused "
+                             f"it: {type(err).__name__}); it is never unpickled") from err
+
+
 def load_checkpoint(accelerator: Any, out_dir: Path, name: str) -> int:
     """Load the newest complete checkpoint into the prepared objects of ``accelerator``; return its
     step (0 when there is none). Incomplete ones are skipped with a warning; one that fails to load
@@ -118,6 +157,7 @@ def load_checkpoint(accelerator: Any, out_dir: Path, name: str) -> int:
             logger.warning("%s: ignoring the checkpoint %s: %s", name, folder, err)
             continue
         try:
+            check_pickles(folder)  # a hostile or corrupt file is never given to a full unpickle
             accelerator.load_state(str(folder))
         except Exception as err:  # noqa: BLE001 - a corrupt file of any kind: try the previous one
             logger.warning("%s: the checkpoint %s does not load (%s); trying the previous one", name, folder, err)
