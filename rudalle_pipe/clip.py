@@ -335,6 +335,14 @@ def _how_to_fetch(
     return commands
 
 
+class _QuietRandomInit(logging.Filter):
+    """Drops open_clip's root-logger warning "No pretrained weights loaded ... initialized randomly"
+    while a ``local-dir:`` model is built without weights, which :func:`get_clip` loads right after."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def get_clip(
     name: str = DEFAULT_CLIP_MODEL,
     pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
@@ -399,6 +407,10 @@ def _build(name: str, kind: str, pretrained: str | None, *, device, cache_dir: s
         logger.warning("CLIP %s built with random weights (pretrained=None)", name)
     local = _local_weights(name, sandbox) if name.startswith("local-dir:") else None
     what = str(local or pretrained or name)
+    quiet = _QuietRandomInit() if local is not None else None  # the weights come right after, from `local`
+    root = logging.getLogger()
+    if quiet is not None:
+        root.addFilter(quiet)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name,
@@ -420,6 +432,9 @@ def _build(name: str, kind: str, pretrained: str | None, *, device, cache_dir: s
                 f"{name!r}: {type(err).__name__}: {err}"
             ) from err
         raise
+    finally:
+        if quiet is not None:
+            root.removeFilter(quiet)
     for key, tensor in model.state_dict().items():
         check_finite(key, tensor, what=what)
     model.eval()

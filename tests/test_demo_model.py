@@ -49,6 +49,7 @@ def test_cli_default_model_follows_the_text(prompt, tmp_path):
                            "--rerank", "4", "--seed", "0", "--out", str(out), "--no-progress"],
                           capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no stray log line (e.g. open_clip's "initialized randomly" before the weights load)
     results = json.loads((out / "results.json").read_text("utf-8"))
     assert results["model"] == "demo"
     images = [Image.open(out / f"image_{i:03d}.png") for i in range(4)]
