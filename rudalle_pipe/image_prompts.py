@@ -126,6 +126,8 @@ class ImagePrompt:
             an :class:`ImagePrompt` with ``side = resolution / 8``.
         """
         _check_pil(image, "image")
+        if not isinstance(crop_first, bool):
+            raise TypeError(f"crop_first must be True or False, got {crop_first!r}")
         side = _grid_side(vae)
         amounts = _parse_borders(borders, side)
         keep = torch.zeros(side, side, dtype=torch.bool)

@@ -255,6 +255,11 @@ def test_bad_borders(no_encoding, borders, error, match):
         ImagePrompt.from_borders(_picture(), no_encoding, borders)
 
 
+def test_crop_first_must_be_a_bool(no_encoding):
+    with pytest.raises(TypeError, match="crop_first must be True or False, got 'yes'"):
+        ImagePrompt.from_borders(_picture(), no_encoding, 1, crop_first="yes")
+
+
 @pytest.mark.parametrize("make_mask, error, match", [
     (lambda: Image.new("L", (RES, RES + 8), 255), ValueError, r"mask is 32x40 px but the image is 32x32 px"),
     (lambda: np.ones((RES, RES - 1), dtype=bool), ValueError, r"shape \(32, 31\) .* \(32, 32\)"),
@@ -305,16 +310,23 @@ def test_generate_refuses_bad_prompts_before_sampling(tiny, tokenizer, monkeypat
     with pytest.raises(TypeError, match="image_prompt must be an ImagePrompt.*got dict"):
         generate_images("кот", tokenizer, dalle, vae, image_prompt={"up": 1}, **args)
     codes[2] = 0
-    codes[10] = 10**6  # a big code at a position that is not kept is ignored
-    monkeypatch.setattr(generation, "sample_codes", lambda *a, **k: (torch.zeros(1, N, dtype=torch.long), torch.ones(1)))
-    out = generate_images("кот", tokenizer, dalle, vae, image_prompt=ImagePrompt.from_codes(codes, torch.arange(N) < 3),
-                          **args)
-    assert out.codes.shape == (1, N)
+    codes[10] = 10**6  # a code outside the vocabulary at a position that is not kept is never used
+    seen = {}
+
+    def fake_sample(*a, **k):
+        seen.update(k)
+        return torch.zeros(1, N, dtype=torch.long), torch.ones(1)
+
+    monkeypatch.setattr(generation, "sample_codes", fake_sample)
+    prompt = ImagePrompt.from_codes(codes, torch.arange(N) < 3)
+    generate_images("кот", tokenizer, dalle, vae, image_prompt=prompt, **args)
+    assert torch.equal(seen["forced_codes"], prompt.codes) and torch.equal(seen["forced_mask"], prompt.mask)
 
 
 def test_sample_codes_refuses_forcing_everything(tiny):
     dalle, _ = tiny
     text = torch.tensor([2, 5, 7, 3, 0, 0, 0, 0])
     with pytest.raises(ValueError, match="forces all 16 positions: nothing is left to sample"):
-        generation.sample_codes(dalle, text, seeds=[0], top_k=1, top_p=1.0, forced_codes=torch.zeros(N, dtype=torch.long),
-                                forced_mask=torch.ones(N, dtype=torch.bool), progress=False)
+        generation.sample_codes(dalle, text, seeds=[0], top_k=1, top_p=1.0, progress=False,
+                                forced_codes=torch.zeros(N, dtype=torch.long),
+                                forced_mask=torch.ones(N, dtype=torch.bool))
