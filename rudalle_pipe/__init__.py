@@ -17,6 +17,7 @@ from .clip import ClipBundle, RerankOutput, cherry_pick_by_clip, get_clip
 from .dalle import DalleConfig, DalleModel, DalleOutput, KVCache
 from .generation import GenerationOutput, filter_logits, generate_images
 from .hub import WeightsNotFoundError
+from .image_prompts import ImagePrompt
 from .loader import get_rudalle_model, get_tokenizer, get_vae
 from .masks import build_masks, col_mask, conv_mask, row_mask
 from .pipeline import Pipeline, list_pipelines, load_pipeline, save_pipeline
@@ -49,6 +50,7 @@ __all__ = [
     "DalleModel",
     "DalleOutput",
     "GenerationOutput",
+    "ImagePrompt",
     "KVCache",
     "WeightsNotFoundError",
     "YTTMTokenizer",

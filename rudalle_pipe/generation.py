@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .checks import MAX_IMAGES, check_count, check_float, check_int
 from .dalle import DalleModel, DalleOutput, uses_numpy_blas
+from .image_prompts import ImagePrompt
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ class GenerationOutput:
     codes: ``[num_images, 1024]`` LongTensor of sampled VQGAN codes, row-major 32x32 grid.
     perplexities: one float per image, the original's definition: the mean over the image tokens of
         ``exp(cross-entropy)`` of the sampled code under the unfiltered model at temperature 1.
-        Lower means the model found the image more likely.
+        Lower means the model found the image more likely. With an image prompt the mean runs over
+        the generated positions only (the kept codes were not the model's choice).
     seeds: the seed of each image's generator; ``generate_images(..., seed=s, num_images=1)``
         reproduces the image whose seed is ``s``.
     """
@@ -63,6 +65,25 @@ def check_sampling_args(*, top_k: int, top_p: float, temperature: float, vocab: 
     check_count(name["batch_size"], batch_size, high=MAX_IMAGES)
     if seed is not None:
         check_int(name["seed"], seed, low=0, high=_MAX_SEED - num_images)
+
+
+def check_image_prompt(prompt: object, dalle: DalleModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, mask)`` of ``prompt`` for ``sample_codes``'s ``forced_codes``/``forced_mask``, or a
+    ``TypeError``/``ValueError`` when it is not an :class:`ImagePrompt`, its grid differs from the
+    generator's (both sizes named), or a kept code is outside ``[0, image_vocab_size)``."""
+    cfg = dalle.config
+    if not isinstance(prompt, ImagePrompt):
+        raise TypeError(f"image_prompt must be an ImagePrompt (ImagePrompt.from_borders / from_mask / from_codes), "
+                        f"got {type(prompt).__name__}")
+    if prompt.side != cfg.image_tokens_per_dim:
+        raise ValueError(f"the image prompt's grid is {prompt.side}x{prompt.side} codes but the generator makes "
+                         f"{cfg.image_tokens_per_dim}x{cfg.image_tokens_per_dim}; build the prompt with this "
+                         "generator's VQGAN")
+    kept = prompt.codes[prompt.mask]
+    if int(kept.max()) >= cfg.image_vocab_size:
+        raise ValueError(f"the image prompt keeps codes up to {int(kept.max())}, outside the generator's image "
+                         f"vocabulary [0, {cfg.image_vocab_size})")
+    return prompt.codes, prompt.mask
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int, top_p: float, temperature: float = 1.0) -> torch.Tensor:
@@ -186,12 +207,15 @@ def sample_codes(
         text_ids: ``[text_seq_length]`` LongTensor from ``tokenizer.encode_text``.
         seeds: one generator seed per image.
         forced_codes, forced_mask: optional ``[image_seq_length]`` codes and bool mask; where the
-            mask is True the code is copied in instead of sampled (image prompts).
+            mask is True the code is copied in instead of sampled (image prompts). A forced
+            position draws nothing from the generators, so the other positions of an image depend
+            only on its seed. At least one position must be left to sample.
         use_cache: False recomputes the whole sequence and its logits every step, as a model
             without a cache must (slow; for benchmarks and checks).
 
     Returns:
-        ``codes [N, image_seq_length]`` LongTensor and ``perplexities [N]`` float tensor.
+        ``codes [N, image_seq_length]`` LongTensor and ``perplexities [N]`` float tensor: the mean
+        of ``exp(cross-entropy)`` over the sampled (not forced) positions.
     """
     cfg = dalle.config
     n_img = cfg.image_seq_length
@@ -202,6 +226,11 @@ def sample_codes(
     if forced_mask is None:
         forced_mask = torch.zeros(n_img, dtype=torch.bool)
     forced_mask = forced_mask.cpu().bool()
+    if tuple(forced_mask.shape) != (n_img,):
+        raise ValueError(f"forced_mask must be a [{n_img}] bool tensor, got shape {tuple(forced_mask.shape)}")
+    if forced_mask.all():
+        raise ValueError(f"forced_mask forces all {n_img} positions: nothing is left to sample")
+    sampled = ~forced_mask  # the positions whose codes the model chooses (perplexity runs over these)
     if forced_mask.any():
         if forced_codes is None or forced_codes.shape != (n_img,):
             raise ValueError(f"forced_codes must be a [{n_img}] LongTensor when forced_mask is set")
@@ -237,7 +266,7 @@ def sample_codes(
                     full = dalle(torch.cat((prefix, codes[:, : p + 1]), dim=1)).logits  # (B, L, V_text + V_image)
                     out = DalleOutput(logits=full[:, -1:, cfg.vocab_size :])
         all_codes.append(codes.cpu())
-        all_ppl.append(nll.exp().mean(dim=1).cpu())
+        all_ppl.append(nll[:, sampled.to(device)].exp().mean(dim=1).cpu())
     bar.close()
     return torch.cat(all_codes), torch.cat(all_ppl)
 
@@ -269,6 +298,7 @@ def generate_images(
     seed: Optional[int] = None,
     use_cache: bool = True,
     progress: bool = True,
+    image_prompt: Optional[ImagePrompt] = None,
 ) -> GenerationOutput:
     """Generate ``num_images`` pictures for ``text``, like the original ``generate_images``.
 
@@ -288,6 +318,11 @@ def generate_images(
         generator: seeds are drawn from it (reproducible); or give ``seed`` (image i gets seed+i).
         use_cache: keep True; False recomputes the whole sequence at every step.
         progress: show a tqdm bar.
+        image_prompt: an :class:`~rudalle_pipe.ImagePrompt` whose grid matches the generator's
+            (``side == image_tokens_per_dim``) and whose kept codes are in
+            ``[0, image_vocab_size)``. Its kept codes are copied into every image and never sampled
+            (drawing no randomness, so an image still depends only on its seed); the other positions
+            are sampled in raster order. Perplexities then average over the generated positions only.
     """
     from .tokenizer import prepare_text
 
@@ -295,12 +330,13 @@ def generate_images(
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     check_sampling_args(top_k=top_k, top_p=top_p, temperature=temperature, vocab=dalle.config.image_vocab_size,
                         num_images=num_images, batch_size=batch_size, seed=seed)
+    forced_codes, forced_mask = check_image_prompt(image_prompt, dalle) if image_prompt is not None else (None, None)
     text_ids = tokenizer.encode_text(prepare_text(text), dalle.config.text_seq_length)
     seeds = seeds_for(num_images, seed, generator)
     logger.info("generating %d images for %r (top_k=%d, top_p=%s, temperature=%s)",
                 num_images, text, top_k, top_p, temperature)
     codes, ppl = sample_codes(dalle, text_ids, seeds=seeds, top_k=top_k, top_p=top_p,
                               temperature=temperature, batch_size=batch_size, use_cache=use_cache,
-                              progress=progress)
+                              forced_codes=forced_codes, forced_mask=forced_mask, progress=progress)
     images = codes_to_images(vae, codes, batch_size=batch_size)
     return GenerationOutput(images=images, codes=codes, perplexities=ppl.tolist(), seeds=seeds)

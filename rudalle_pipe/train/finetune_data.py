@@ -15,12 +15,12 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .. import files
 from ..dalle import DalleModel
+from ..images import DECODE_ERRORS, images_to_tensor, one_line, prepare_image  # prepare_image: re-exported
 from ..tokenizer import YTTMTokenizer, prepare_text
 
 logger = logging.getLogger(__name__)
@@ -96,20 +96,13 @@ def _read_text(path: Path, what: str) -> str:
         raise ValueError(f"{what} {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
-
-
 def _check_image(path: Path) -> None:
     """Decode ``path`` fully once, or raise ``ValueError`` naming it."""
     try:
         with Image.open(path) as image:
             image.load()
-    except _DECODE_ERRORS as err:
-        raise ValueError(f"image {path} cannot be decoded ({_one_line(err)})") from None
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
+    except DECODE_ERRORS as err:
+        raise ValueError(f"image {path} cannot be decoded ({one_line(err)})") from None
 
 
 def _table_pairs(folder: Path, table: Path, images: list[Path], bad: _Problems) -> list[tuple[Path, str]]:
@@ -191,25 +184,6 @@ def _folder_pairs(folder: Path, caption: Optional[str], skip_bad: bool) -> list[
     return good
 
 
-def prepare_image(image: ImageLike, size: int) -> Image.Image:
-    """RGB ``size x size``: the shorter side resized to ``size`` (bicubic), then centre-cropped.
-
-    Raises ``ValueError`` naming the file when a path does not decode."""
-    if not isinstance(image, Image.Image):
-        try:
-            with Image.open(image) as opened:
-                image = opened.convert("RGB")
-        except _DECODE_ERRORS as err:
-            raise ValueError(f"image {image} cannot be decoded ({_one_line(err)})") from None
-    image = image.convert("RGB")
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
 def _read_codes(cache: Path, key: str, n: int, positions: int) -> Optional[torch.Tensor]:
     """The cached codes ``(n, positions)`` of ``key`` in ``cache``, or None (missing, stale, or
     unreadable: a corrupt cache is logged and rebuilt, never an error)."""
@@ -219,7 +193,7 @@ def _read_codes(cache: Path, key: str, n: int, positions: int) -> Optional[torch
         stored = torch.load(cache, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torn zip, pickle or size errors alike
         logger.warning("finetune: the codes cache %s is unreadable (%s); encoding the images again", cache,
-                       _one_line(err))
+                       one_line(err))
         return None
     codes = stored.get("codes") if isinstance(stored, dict) else None
     if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dim() != 2:
@@ -254,9 +228,7 @@ def encode_pairs(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, pairs: S
         device = next(vae.parameters()).device
         chunks = []
         for start in range(0, len(images), batch_size):
-            batch = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1)
-                                 for im in images[start:start + batch_size]])  # (b, 3, size, size) uint8
-            x = batch.to(device=device, dtype=torch.float32) / 255.0  # (b, 3, size, size) in [0, 1]
+            x = images_to_tensor(images[start:start + batch_size]).to(device)  # (b, 3, size, size) in [0, 1]
             chunks.append(vae.get_codebook_indices(x).cpu())
         codes = torch.cat(chunks)  # (N, image_seq_length)
         if cache is not None:
