@@ -15,6 +15,7 @@ import logging
 from . import shapes
 from .clip import ClipBundle, RerankOutput, cherry_pick_by_clip, get_clip
 from .dalle import DalleConfig, DalleModel, DalleOutput, KVCache
+from .emoji import convert_emoji_to_rgba
 from .generation import GenerationOutput, filter_logits, generate_images
 from .hub import WeightsNotFoundError
 from .image_prompts import ImagePrompt
@@ -37,6 +38,7 @@ __all__ = [
     "RRDBNetConfig",
     "RerankOutput",
     "cherry_pick_by_clip",
+    "convert_emoji_to_rgba",
     "get_clip",
     "get_realesrgan",
     "image_grid",
