@@ -137,3 +137,68 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="prefix"):
         show([solid((0, 0, 0))], save_dir=tmp_path, prefix="a/b")
     assert list(tmp_path.iterdir()) == []
+
+
+def _transparent_with_red_block():
+    """16x16 RGBA: transparent, a red opaque block at rows/cols 4..11, one half-transparent pixel."""
+    pixels = np.zeros((16, 16, 4), np.uint8)
+    pixels[4:12, 4:12] = (255, 0, 0, 255)
+    pixels[0, 15] = (0, 0, 0, 128)
+    return Image.fromarray(pixels)
+
+
+def test_show_composites_rgba_onto_a_checkerboard_by_default(tmp_path):
+    from rudalle_pipe.show import CHECKER_COLORS, CHECKER_SQUARE
+
+    images = [_transparent_with_red_block(), _transparent_with_red_block()]
+    grid = show(images, nrow=2, padding=0, save_dir=tmp_path)
+    assert grid.mode == "RGB" and grid.size == (32, 16)
+    pixels = np.asarray(grid)
+    white, grey = CHECKER_COLORS
+    assert tuple(pixels[0, 0]) == white and tuple(pixels[0, CHECKER_SQUARE]) == grey  # transparent spots
+    assert tuple(pixels[12, 0]) == grey and tuple(pixels[12, 12]) == white  # row 12: second row of squares
+    assert tuple(pixels[5, 5]) == (255, 0, 0) and tuple(pixels[5, 16 + 5]) == (255, 0, 0)  # opaque: unchanged
+    assert all(abs(int(v) - 204 * 127 / 255) <= 1 for v in pixels[0, 15])  # half alpha over grey (x=15)
+    with Image.open(tmp_path / "grid.png") as saved:
+        assert saved.mode == "RGB" and np.array_equal(np.asarray(saved), pixels)
+    with Image.open(tmp_path / "image_000.png") as saved:  # single images keep their alpha
+        assert saved.mode == "RGBA" and np.array_equal(np.asarray(saved), np.asarray(images[0]))
+
+
+@pytest.mark.parametrize("background, rgb", [("blue", (0, 0, 255)), ("#102030", (16, 32, 48)),
+                                             ((7, 8, 9), (7, 8, 9))])
+def test_rgba_grid_onto_a_chosen_colour(background, rgb):
+    for grid in (show([_transparent_with_red_block()], background=background, padding=1),
+                 image_grid([_transparent_with_red_block()], background=background, padding=1)):
+        pixels = np.asarray(grid)
+        assert grid.mode == "RGB"
+        assert tuple(pixels[0, 0]) == rgb and tuple(pixels[1, 1]) == rgb  # padding and transparent cell
+        assert tuple(pixels[1 + 5, 1 + 5]) == (255, 0, 0)
+
+
+def test_background_none_keeps_transparency_and_rgb_grids_are_untouched(tmp_path):
+    rgba = _transparent_with_red_block()
+    kept = show([rgba], background=None, padding=0, save_dir=tmp_path)
+    assert kept.mode == "RGBA" and np.array_equal(np.asarray(kept), np.asarray(rgba))
+    with Image.open(tmp_path / "grid.png") as saved:
+        assert saved.mode == "RGBA" and np.asarray(saved)[0, 0, 3] == 0
+    assert image_grid([rgba]).mode == "RGBA"  # image_grid's default stays None
+    for background in ("checkerboard", "red", (1, 2, 3)):
+        plain = show([solid((9, 8, 7)), solid((1, 1, 1))], background=background, padding=1)
+        assert plain.mode == "RGB" and tuple(np.asarray(plain)[0, 0]) == (0, 0, 0)  # black padding as before
+        assert image_grid([solid(50, mode="L")], background=background).mode == "L"
+
+
+def test_bad_background(tmp_path):
+    rgba = [_transparent_with_red_block()]
+    with pytest.raises(ValueError, match=r"background must be \"checkerboard\".*unknown colour 'chequer'"):
+        show(rgba, background="chequer", save_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"background\[2\] must be in \[0, 255\], got 256"):
+        show(rgba, background=(0, 0, 256))
+    with pytest.raises(TypeError, match=r"background\[0\] must be an int"):
+        image_grid(rgba, background=(0.5, 0, 0))
+    with pytest.raises(TypeError, match=r"background must be .*got \[0, 0, 0\] \(list\)"):
+        show(rgba, background=[0, 0, 0])
+    with pytest.raises(TypeError, match=r"background must be .*got 5 \(int\)"):
+        image_grid(rgba, background=5)
+    assert list(tmp_path.iterdir()) == []  # checked before anything was written
