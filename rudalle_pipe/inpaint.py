@@ -57,7 +57,9 @@ def paste_back(result_images: Sequence[Image.Image], prompt_image: Image.Image,
             - an :class:`~rudalle_pipe.ImagePrompt`: its code mask, each code one ``S/side`` px
               square patch (``side`` must divide ``S``).
 
-            It must keep at least one pixel.
+            It must keep at least one pixel. A pixel mask restores exactly the pixels it keeps, also
+            those inside a patch that :meth:`ImagePrompt.from_mask` generated (a patch with one
+            unkept pixel is generated whole); pass the prompt to restore whole kept codes only.
         feather: blend width in pixels, an int in ``[0, MAX_FEATHER]`` (32).
 
     Semantics, per pixel ``p`` with ``d(p)`` its Euclidean distance in pixels to the nearest kept
@@ -70,6 +72,13 @@ def paste_back(result_images: Sequence[Image.Image], prompt_image: Image.Image,
 
     Returns:
         new ``S x S`` RGB images, one per result, in order.
+
+    Example::
+
+        prompt = ImagePrompt.from_mask(picture, vae, mask)
+        out = generate_images(text, tokenizer, dalle, vae, top_k=1024, top_p=0.99, num_images=4,
+                              image_prompt=prompt)
+        fixed = paste_back(out.images, picture, mask, feather=4)  # or paste_back(..., prompt)
     """
     results = check_images(result_images, modes=("RGB",), hint=" (generated pictures are RGB)")
     _check_pil(prompt_image, "prompt_image")
@@ -176,10 +185,12 @@ def outpaint(image: Image.Image, text: str, tokenizer, dalle, vae, *, right: Opt
             ``seed + j * num_images + i`` (or the ``(j * num_images + i)``-th seed drawn from
             ``generator``). Each step is one ``num_images=1`` call.
 
-    Stitching: the panorama is the input picture's own pixels (at ``R x R``, as prepared) followed,
-    for each step, by the decoded new strip (the last ``k * R / side`` px columns, or rows, of that
-    step's picture). So for ``right=k`` it is ``R + steps * k * R / side`` px wide and ``R`` high.
-    The seams are hard cuts: the old part is not re-decoded, so it is the input exactly.
+    Stitching: the panorama is the input picture's own pixels (prepared at the decoded size ``P``,
+    which is ``R`` except for a decoder that upsamples, e.g. the DWT one gives ``2R``) followed, for
+    each step, by the decoded new strip (the last ``k * P / side`` px columns, or rows, of that step's
+    picture). So for ``right=k`` it is ``P + steps * k * P / side`` px wide and ``P`` high. The seams
+    are hard cuts: the old part is not re-decoded, so it is the input exactly (use
+    :func:`paste_back` on a step's picture for a feathered seam).
 
     Returns:
         :class:`OutpaintOutput`.
@@ -196,7 +207,8 @@ def outpaint(image: Image.Image, text: str, tokenizer, dalle, vae, *, right: Opt
                 "left/up, and mind that captions' 'слева'/'справа' flip too)")
     given = {name: value for name, value in (("right", right), ("down", down)) if value is not None}
     if len(given) != 1:
-        raise ValueError(f"give exactly one of right= or down= (the number of codes to add), got {sorted(given) or 'none'}")
+        raise ValueError("give exactly one of right= or down= (the number of codes to add), "
+                         f"got {sorted(given) or 'none'}")
     (direction, k), = given.items()
     side = _grid_side(vae)
     if dalle.config.image_tokens_per_dim != side:
@@ -217,13 +229,12 @@ def outpaint(image: Image.Image, text: str, tokenizer, dalle, vae, *, right: Opt
         keep[:, : side - k] = True
     else:
         keep[: side - k] = True
-    strip_px = k * resolution // side
     logger.info("outpainting %s by %d codes, %d steps, %d images, for %r", direction, k, steps, num_images, text)
 
     last_images, all_codes, panoramas, chain_seeds = [], [], [], []
     for i in range(num_images):
         grid = input_codes
-        strips, codes, seeds = [prepared], [], []
+        strips, codes, seeds = [], [], []
         for j in range(steps):
             shifted = torch.zeros_like(grid)
             if direction == "right":
@@ -236,8 +247,11 @@ def outpaint(image: Image.Image, text: str, tokenizer, dalle, vae, *, right: Opt
                                   temperature=temperature, seed=s, progress=progress, image_prompt=prompt)
             grid = out.codes[0].cpu().view(side, side)
             frame = out.images[0]
-            box = ((resolution - strip_px, 0, resolution, resolution) if direction == "right"
-                   else (0, resolution - strip_px, resolution, resolution))
+            px = frame.width  # R, or 2R with a decoder that upsamples (the Sber VQGAN's DWT decoder)
+            if not strips:
+                strips.append(prepared if px == resolution else prepare_image(image, px))
+            strip_px = k * px // side
+            box = (px - strip_px, 0, px, px) if direction == "right" else (0, px - strip_px, px, px)
             strips.append(frame.crop(box))
             codes.append(grid.reshape(-1))
             seeds.append(s)

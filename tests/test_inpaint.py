@@ -195,6 +195,27 @@ def test_stitched_panorama(demo, direction, k, steps):
     assert out.images[0].size == (SIZE, SIZE)
 
 
+def test_stitching_follows_an_upsampling_decoder(demo, monkeypatch):
+    """A decoder that outputs 2R px (like the Sber VQGAN's DWT one): the panorama is stitched at 2R."""
+    import rudalle_pipe.inpaint as inpaint
+
+    real = inpaint.generate_images
+
+    def doubled(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.images = [im.resize((2 * SIZE, 2 * SIZE), Image.NEAREST) for im in out.images]
+        return out
+
+    monkeypatch.setattr(inpaint, "generate_images", doubled)
+    image, caption = _scene()
+    out = outpaint(image.resize((90, 70)), caption, demo.tokenizer, demo.dalle, demo.vae, right=3, steps=2,
+                   seed=1, **SAMPLING)
+    pano = np.asarray(out.stitched[0])
+    assert pano.shape == (2 * SIZE, 2 * SIZE + 2 * 3 * 2 * PATCH, 3)
+    assert np.array_equal(pano[:, : 2 * SIZE], np.asarray(prepare_image(image.resize((90, 70)), 2 * SIZE)))
+    assert np.array_equal(pano[:, -3 * 2 * PATCH:], np.asarray(out.images[0])[:, -3 * 2 * PATCH:])
+
+
 def test_outpaint_seeds_are_reproducible(demo):
     image, caption = _scene()
     args = (image, caption, demo.tokenizer, demo.dalle, demo.vae)
