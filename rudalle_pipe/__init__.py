@@ -19,6 +19,7 @@ from .emoji import convert_emoji_to_rgba
 from .generation import GenerationOutput, filter_logits, generate_images
 from .hub import WeightsNotFoundError
 from .image_prompts import ImagePrompt
+from .inpaint import OutpaintOutput, outpaint, paste_back
 from .loader import get_rudalle_model, get_tokenizer, get_vae
 from .masks import build_masks, col_mask, conv_mask, row_mask
 from .pipeline import Pipeline, list_pipelines, load_pipeline, save_pipeline
@@ -53,6 +54,9 @@ __all__ = [
     "DalleOutput",
     "GenerationOutput",
     "ImagePrompt",
+    "OutpaintOutput",
+    "outpaint",
+    "paste_back",
     "KVCache",
     "WeightsNotFoundError",
     "YTTMTokenizer",

@@ -176,9 +176,7 @@ class ImagePrompt:
         _check_pil(image, "image")
         side = _grid_side(vae)
         size = vae.config.resolution
-        keep_pixels = _mask_array(mask, image.size)  # (H, W) bool, the size of image
-        as_float = Image.fromarray(keep_pixels.astype(np.float32))  # mode F
-        resized = np.asarray(resize_and_crop(as_float, size, Image.BOX)) >= 1.0 - 1e-4  # (size, size)
+        resized = keep_pixels(mask, image.size, size)  # (size, size) bool
         f = size // side
         keep = torch.from_numpy(resized.reshape(side, f, side, f).all(axis=(1, 3)).copy())  # (side, side)
         n_kept = _check_kept(int(keep.sum()), side * side)  # before the slow encoding
@@ -236,6 +234,15 @@ def _parse_borders(borders: Union[int, Mapping[str, int]], side: int) -> dict[st
     for key, value in amounts.items():
         check_int(f"borders[{key!r}] (in codes of 8 px, grid {side}x{side})", value, low=0, high=side - 1)
     return amounts
+
+
+def keep_pixels(mask: MaskLike, image_size: tuple[int, int], size: int) -> np.ndarray:
+    """The kept pixels of ``mask`` (checked against ``image_size``, PIL's ``(width, height)``) at
+    ``size x size``: bool ``(size, size)``, True = keep. The mask goes through the same
+    resize-and-centre-crop as its image, by area averaging, so that a resized pixel is kept only when
+    every source pixel under it is kept (shared by :meth:`ImagePrompt.from_mask` and paste-back)."""
+    as_float = Image.fromarray(_mask_array(mask, image_size).astype(np.float32))  # mode F
+    return np.asarray(resize_and_crop(as_float, size, Image.BOX)) >= 1.0 - 1e-4
 
 
 def _mask_array(mask: MaskLike, size: tuple[int, int]) -> np.ndarray:
