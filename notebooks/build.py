@@ -1,4 +1,4 @@
-"""Write the three notebooks from the cell sources below (run after editing: ``python notebooks/build.py``).
+"""Write the notebooks from the cell sources below (run after editing: ``python notebooks/build.py``).
 
 Keeping the sources here keeps the notebooks reviewable as code and free of stored outputs; a test
 checks that the committed ``.ipynb`` files match this script.
@@ -320,7 +320,135 @@ if DEMO:  # the demo pictures can be checked automatically
     ]
 
 
-NOTEBOOKS = {"quickstart.ipynb": quickstart, "demo_offline.ipynb": demo_offline, "finetune.ipynb": finetune_nb}
+def image_prompts_nb() -> list:
+    return [
+        new_markdown_cell(f"""# Image prompts: keep part of a picture, inpaint, outpaint
+
+{badge("image_prompts.ipynb")}
+
+The transformer draws a picture as a grid of VQGAN codes, row by row. An **image prompt** fixes some of
+those codes in advance (taken from a picture you give) and lets the model draw only the rest, guided by
+the caption. Three uses:
+
+1. **keep the top** of a picture and draw the rest from a new caption (`ImagePrompt.from_borders`);
+2. **inpaint**: cut a hole with a mask and let the model fill it (`ImagePrompt.from_mask`, then
+   `paste_back` to restore the kept pixels exactly);
+3. **outpaint**: extend a picture to the right, strip by strip, into a panorama (`outpaint`).
+
+Anywhere without a GPU and the Hub (and in CI) this runs the embedded demo model on a CPU, on a
+rendered picture of a coloured shape, so the results can be checked automatically. On a Hub model the
+same cells work on your own photo: set `PHOTO` below (e.g. `Image.open("my_photo.jpg")`) and change the
+captions to describe it."""),
+        new_code_cell(INSTALL),
+        new_code_cell(CHOOSE),
+        new_markdown_cell("""## The model and the picture
+
+`load_pipeline` without CLIP and the upscaler: this notebook only generates. The code grid is
+`side x side` (8 x 8 for the demo model at 64 px, 32 x 32 for Malevich at 256 px); every kept or
+generated region below is measured in codes, one code covering a `RES / side` px square."""),
+        new_code_cell('''from PIL import Image
+
+from rudalle_pipe import load_pipeline, shapes, show
+from rudalle_pipe.images import prepare_image
+
+pipe = load_pipeline(MODEL, device=DEVICE, dtype=torch.float16 if DEVICE == "cuda" else torch.float32,
+                     clip=False, upscaler=False)
+RES = pipe.vae.config.resolution           # the VQGAN's picture size, px
+SIDE = pipe.dalle.config.image_tokens_per_dim  # codes per side
+TOP_K, TOP_P = min(2048, pipe.dalle.config.image_vocab_size), 0.995
+
+PHOTO = None  # on a Hub model: your own picture, e.g. Image.open("my_photo.jpg")
+scene = shapes.Scene("круг", "красный", "большой", "в центре", "серый")
+if PHOTO is None:
+    PHOTO = shapes.render(scene, RES)  # a big red circle in the centre on a grey background
+PHOTO = prepare_image(PHOTO, RES)     # RGB, RES x RES (resize and centre crop): what the VQGAN sees
+ZOOM = max(1, 128 // RES)             # show the 64 px demo pictures twice as big
+TEXT = shapes.caption(scene)          # the caption of the picture as it is
+print(f"{RES} px, {SIDE}x{SIDE} codes; the picture: {TEXT}")
+show([PHOTO], size=RES * ZOOM);'''),
+        new_markdown_cell("""## 1. Keep the top, draw the rest from a new caption
+
+`ImagePrompt.from_borders(picture, vae, {"up": n})` encodes the picture and keeps its top `n` rows of
+codes (`down`, `left`, `right` work the same way). Here the top quarter is only grey background, and
+the new caption asks for a different object below it. The kept codes are copied into every result
+unchanged, which the `assert` checks."""),
+        new_code_cell('''from rudalle_pipe import ImagePrompt, generate_images
+
+top = ImagePrompt.from_borders(PHOTO, pipe.vae, {"up": SIDE // 4})
+NEW_TEXT = "маленький жёлтый квадрат снизу на сером фоне"
+out = generate_images(NEW_TEXT, pipe.tokenizer, pipe.dalle, pipe.vae, top_k=TOP_K, top_p=TOP_P,
+                      num_images=4, seed=0, image_prompt=top, progress=False)
+assert (out.codes[:, top.mask].cpu() == top.codes[top.mask]).all(), "the kept codes changed"
+print(f"kept {top.num_kept} of {SIDE * SIDE} codes; input, then 4 results for: {NEW_TEXT}")
+show([PHOTO] + out.images, nrow=5, size=out.images[0].width * ZOOM);
+if DEMO:  # the demo pictures can be read back automatically
+    found = [shapes.detect(image) for image in out.images]
+    print("drawn:", [f"{d.size} {d.color} {d.shape} {d.position} / {d.background}" for d in found])'''),
+        new_markdown_cell("""## 2. Inpaint a hole
+
+A mask the size of the picture, white (255) where the picture is kept and black where the model should
+draw: here a square hole over the object. `ImagePrompt.from_mask` keeps every code whose whole
+patch is white; we generate with the same caption, so the model redraws the object.
+
+The VQGAN round trip changes even the kept codes' pixels a little (its codes are a lossy summary), so
+`paste_back` puts the kept pixels of the input back exactly, blending into the new part over
+`feather` pixels. The `assert` checks that every kept pixel equals the input."""),
+        new_code_cell('''import numpy as np
+
+from rudalle_pipe import paste_back
+
+keep = np.ones((RES, RES), dtype=bool)
+a, b = RES * 7 // 32, RES * 25 // 32   # a square hole over the middle of the picture
+keep[a:b, a:b] = False
+mask = Image.fromarray(keep.astype(np.uint8) * 255, "L")
+hole = ImagePrompt.from_mask(PHOTO, pipe.vae, mask)
+out = generate_images(TEXT, pipe.tokenizer, pipe.dalle, pipe.vae, top_k=TOP_K, top_p=TOP_P,
+                      num_images=4, seed=0, image_prompt=hole, progress=False)
+fixed = paste_back(out.images, PHOTO, mask, feather=4)
+px = fixed[0].width  # the decoded size: RES, or 2 * RES with a decoder that upsamples
+source = np.asarray(prepare_image(PHOTO, px), dtype=int)
+kept = np.asarray(mask.resize((px, px), Image.NEAREST)) > 0
+for image in fixed:
+    assert np.abs(np.asarray(image, dtype=int) - source)[kept].max() == 0, "paste_back changed a kept pixel"
+masked = Image.composite(PHOTO, Image.new("RGB", (RES, RES), "black"), mask)
+print(f"kept {hole.num_kept} of {SIDE * SIDE} codes; top: input, with the hole, then the 4 results as "
+      "generated; bottom: pasted back")
+show([PHOTO, masked] + out.images + [PHOTO, masked] + fixed, nrow=6, size=px * ZOOM);
+if DEMO:
+    print("filled in:", [shapes.detect(image).shape for image in fixed])'''),
+        new_markdown_cell("""## 3. Outpaint to the right
+
+`outpaint(picture, caption, ..., right=k, steps=3)` shifts the code grid `k` columns to the left,
+keeps what is still inside and generates the `k` new columns on the right, three times over; each
+step continues from the codes just generated. `stitched` is the panorama: the input picture followed
+by the three new strips, so it is `RES + 3 * k * RES / side` px wide.
+
+Only right and down are offered: the model draws in raster order, so a strip on the left or the top
+would be drawn before the picture it should continue. (The demo model only ever saw one shape per
+picture, so its new strips hold shape-like blobs in the caption's colour; a Hub model continues the
+scene.)"""),
+        new_code_cell('''from rudalle_pipe import outpaint
+
+K = SIDE // 2
+wide = outpaint(PHOTO, TEXT, pipe.tokenizer, pipe.dalle, pipe.vae, right=K, steps=3, top_k=TOP_K,
+                top_p=TOP_P, num_images=2, seed=0)
+panorama = wide.stitched[0]
+px = wide.images[0].width  # the decoded size (RES for the demo VQGAN)
+assert panorama.size == (px + 3 * K * px // SIDE, px), panorama.size
+first = wide.codes[0, 0].view(SIDE, SIDE)
+assert (first[:, : SIDE - K] == wide.input_codes.view(SIDE, SIDE)[:, K:]).all(), "the kept columns changed"
+print(f"panoramas of {panorama.size[0]}x{panorama.size[1]} px ({K} codes added per step, 3 steps)")
+show(wide.stitched, nrow=1, size=(panorama.width * ZOOM, panorama.height * ZOOM));'''),
+        new_markdown_cell("""## Next
+
+* `quickstart.ipynb`: plain text-to-picture generation, reranking and upscaling.
+* Reusing codes from an earlier run: `ImagePrompt.from_codes(codes, mask)` takes a code grid and a
+  keep mask directly (e.g. `out.codes[i]` from `generate_images`)."""),
+    ]
+
+
+NOTEBOOKS = {"quickstart.ipynb": quickstart, "demo_offline.ipynb": demo_offline, "finetune.ipynb": finetune_nb,
+             "image_prompts.ipynb": image_prompts_nb}
 
 
 def build(name: str) -> nbformat.NotebookNode:

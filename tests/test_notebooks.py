@@ -1,4 +1,4 @@
-"""The three notebooks run headlessly, top to bottom, on the embedded demo model (a failing cell fails).
+"""The notebooks run headlessly, top to bottom, on the embedded demo model (a failing cell fails).
 
 The model is the notebooks' MODEL parameter, read from the environment variable RUDALLE_PIPE_MODEL;
 these tests set it to ``demo`` (override with RUDALLE_PIPE_NOTEBOOK_MODEL, e.g. a pipeline directory).
@@ -45,6 +45,9 @@ def _run(name: str, tmp_path: Path, monkeypatch) -> str:
 
     monkeypatch.setenv("RUDALLE_PIPE_MODEL", MODEL)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # the kernel runs in tmp_path: put this checkout first, so its package runs, not another install
+    paths = [str(NOTEBOOKS.parent), os.environ.get("PYTHONPATH")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     nbformat.write(nb, tmp_path / name)  # the executed copy, for a look when a test fails
@@ -84,3 +87,13 @@ def test_finetune_runs_and_lowers_the_loss(tmp_path, monkeypatch):
     assert after < before
     assert (tmp_path / "finetune_run" / "final" / "model.safetensors").is_file()
     assert "after: colour right" in printed
+
+
+def test_image_prompts_runs_and_checks_its_results(tmp_path, monkeypatch):
+    printed = _run("image_prompts.ipynb", tmp_path, monkeypatch)  # its cells assert kept codes and pixels
+    assert "kept 16 of 64 codes; input, then 4 results" in printed  # the top quarter of the 8x8 grid
+    drawn = re.search(r"drawn: (\[.*\])", printed).group(1)
+    assert drawn.count("маленький жёлтый квадрат снизу / серый") >= 3  # the new caption, under the kept top
+    assert re.search(r"filled in: \[('круг', ){3}'круг'\]", printed)  # the object redrawn in the hole
+    assert "panoramas of 160x64 px (4 codes added per step, 3 steps)" in printed  # 64 + 3 * 32 px
+    assert _images_shown(tmp_path / "image_prompts.ipynb") == 4
