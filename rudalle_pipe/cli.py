@@ -7,6 +7,8 @@ Verbs:
   With ``--image-prompt IMG --borders SPEC|--mask MASK`` it keeps parts of a picture (see
   :mod:`rudalle_pipe.cli_image_prompt`); ``--paste-back`` restores the kept pixels in each decoded
   candidate before reranking, upscaling and the contact sheet.
+* ``rudalle-pipe outpaint IMG TEXT --right K | --down K`` extends a picture and writes the stitched
+  panoramas (:mod:`rudalle_pipe.cli_outpaint`).
 * ``rudalle-pipe finetune DATA --out DIR [options]`` finetunes a generator on a folder of pictures
   (see :mod:`rudalle_pipe.finetune`) and, for a bundled or local pipeline, writes ``DIR/pipeline`` that
   ``generate --model DIR/pipeline`` uses.
@@ -37,6 +39,7 @@ from typing import Callable, Optional, Sequence
 
 from .cli_finetune import add_finetune
 from .cli_image_prompt import add_image_prompt_args
+from .cli_outpaint import add_outpaint
 
 logger = logging.getLogger(__name__)
 
@@ -426,7 +429,7 @@ def _add_models(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------------------- main
-VERBS: list[Callable[..., None]] = [_add_generate, add_finetune, _add_models]
+VERBS: list[Callable[..., None]] = [_add_generate, add_outpaint, add_finetune, _add_models]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -226,3 +226,80 @@ def test_bad_combinations_exit_2_before_loading(pipe_dir, picture, mask_file, ba
     assert code == EXIT_USAGE, stderr
     assert stdout == "" and stderr.count("\n") == 1 and message in stderr, stderr
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------- outpaint
+def test_outpaint_writes_panoramas_atomically_and_overwrite_safe(pipe_dir, picture, tmp_path, capsys):
+    from rudalle_pipe.inpaint import outpaint
+
+    out = tmp_path / "out"
+    argv = ["outpaint", picture, TEXT, "--model", pipe_dir, "--right", 1, "--steps", 2, "--num-images", 2,
+            "--seed", 5, "--top-k", 20, "--out", out, "--no-progress"]
+    code, stdout, stderr = run(capsys, *argv)
+    assert code == 0, stderr
+    assert "wrote 2 panoramas" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["image_000.png", "image_001.png", "results.json"]
+    pipe = pipeline.load_pipeline(pipe_dir, clip=False, upscaler=False)
+    with Image.open(picture) as image:
+        expected = outpaint(image, TEXT, pipe.tokenizer, pipe.dalle, pipe.vae, right=1, steps=2, top_k=20,
+                            top_p=0.995, num_images=2, seed=5)
+    for i in range(2):
+        with Image.open(out / f"image_{i:03d}.png") as saved:
+            assert saved.size == (SIZE + 2 * 8, SIZE)
+            assert np.array_equal(np.asarray(saved), np.asarray(expected.stitched[i]))
+    results = json.loads((out / "results.json").read_text("utf-8"))
+    assert results["input"] == {"file": str(picture), "sha256": sha256(picture)}
+    assert results["settings"] == {"direction": "right", "k": 1, "steps": 2, "num_images": 2, "top_k": 20,
+                                    "top_p": 0.995, "temperature": 1.0, "seed": 5, "device": "cpu",
+                                    "dtype": "float32"}
+    assert [im["seeds"] for im in results["images"]] == expected.seeds == [[5, 7], [6, 8]]
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, stderr = run(capsys, *argv)  # refused, nothing touched
+    assert code == 1 and "--overwrite" in stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    argv[argv.index("--num-images") + 1] = 1
+    code, _, stderr = run(capsys, *argv, "--overwrite")
+    assert code == 0, stderr
+    assert sorted(p.name for p in out.iterdir()) == ["image_000.png", "results.json"]  # the stale image removed
+
+
+def test_outpaint_down(pipe_dir, picture, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, stderr = run(capsys, "outpaint", picture, TEXT, "--model", pipe_dir, "--down", 3, "--seed", 1,
+                          "--out", out, "--no-progress")
+    assert code == 0, stderr
+    with Image.open(out / "image_000.png") as saved:
+        assert saved.size == (SIZE, SIZE + 3 * 8)
+    assert json.loads((out / "results.json").read_text("utf-8"))["settings"]["direction"] == "down"
+
+
+OUTPAINT_BAD = [
+    (["IMG", "--right", "4"], "--right (codes, grid 4x4) must be in [1, 3], got 4"),
+    (["IMG", "--down", "0"], "--down (codes, grid 4x4) must be in [1, 3], got 0"),
+    (["IMG", "--right", "1", "--down", "1"], "not allowed with argument --right"),
+    (["IMG"], "one of the arguments --right --down is required"),
+    (["IMG", "--right", "1", "--steps", "0"], "--steps must be in [1, 64]"),
+    (["IMG", "--right", "1", "--steps", "65"], "--steps must be in [1, 64]"),
+    (["IMG", "--right", "1", "--top-p", "2"], "--top-p"),
+    (["IMG", "--right", "1", "--num-images", "0"], "--num-images"),
+    (["IMG", "--right", "1", "--steps", "3", "--seed", str(2**63 - 3)], "--seed (uses S .. S + --steps * --num-images"),
+    (["missing.png", "--right", "1"], "IMG"),
+    (["text.png", "--right", "1"], "not a picture PIL can decode"),
+]
+
+
+@pytest.mark.parametrize("extra, message", OUTPAINT_BAD, ids=[" ".join(extra) for extra, _ in OUTPAINT_BAD])
+def test_outpaint_bad_values_exit_2_before_loading(pipe_dir, picture, bad_files, tmp_path, capsys, monkeypatch,
+                                                   extra, message):
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_pipeline must not run")
+
+    monkeypatch.setattr(pipeline, "load_pipeline", refuse)
+    names = {"IMG": picture, **bad_files}
+    img, *flags = [names.get(a, a) for a in extra]
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, "outpaint", img, TEXT, "--model", pipe_dir, "--out", out, *flags)
+    assert code == EXIT_USAGE, stderr
+    assert stdout == "" and stderr.count("\n") == 1 and message in stderr, stderr
+    assert not out.exists()
