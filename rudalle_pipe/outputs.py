@@ -1,7 +1,8 @@
 """The output folder of ``rudalle-pipe generate``: what a run may replace, how much room it needs,
 and writing its files so that a failed or interrupted run leaves nothing behind.
 
-A run writes ``image_000.png``, ``image_001.png``, ..., ``contact_sheet.png`` and ``results.json``.
+A run writes ``image_000.png``, ``image_001.png``, ..., ``contact_sheet.png`` and ``results.json``
+(``outpaint`` writes no contact sheet: its record has no ``contact_sheet`` entry).
 ``results.json`` is the run's *completion record*: it lists every other file of the run and is moved
 into place last, so its presence means the run finished.
 
