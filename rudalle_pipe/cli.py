@@ -4,6 +4,11 @@ Verbs:
 
 * ``rudalle-pipe generate "TEXT" [options]`` runs the whole chain (load -> generate ->
   CLIP rerank -> Real-ESRGAN upscale) and writes PNGs, a contact sheet and ``results.json``.
+  With ``--image-prompt IMG --borders SPEC|--mask MASK`` it keeps parts of a picture (see
+  :mod:`rudalle_pipe.cli_image_prompt`); ``--paste-back`` restores the kept pixels in each decoded
+  candidate before reranking, upscaling and the contact sheet.
+* ``rudalle-pipe outpaint IMG TEXT --right K | --down K`` extends a picture and writes the stitched
+  panoramas (:mod:`rudalle_pipe.cli_outpaint`).
 * ``rudalle-pipe finetune DATA --out DIR [options]`` finetunes a generator on a folder of pictures
   (see :mod:`rudalle_pipe.finetune`) and, for a bundled or local pipeline, writes ``DIR/pipeline`` that
   ``generate --model DIR/pipeline`` uses.
@@ -33,6 +38,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .cli_finetune import add_finetune
+from .cli_image_prompt import add_image_prompt_args
+from .cli_outpaint import add_outpaint
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +87,8 @@ class _Source:
     upscale_scales: Optional[tuple[int, ...]]  # scales available locally; None = any Hub scale
     has_clip: bool  # a CLIP reranker can be loaded
     image_side: int  # side in px of a generated image (before upscaling)
+    vae_resolution: int = 256  # px the VQGAN encodes an image prompt at
+    vae_factor: int = 8  # px per code side (the prompt grid is vae_resolution / vae_factor codes a side)
 
 
 def default_model() -> str:
@@ -102,8 +111,10 @@ def _resolve_model(name: str) -> _Source:
         raise UsageError(f"--model: {err}") from err
     if directory is None:  # a Hub generator preset: the 256 px Sber VQGAN
         dalle = DalleConfig(**PRETRAINED[name].config)
+        vqgan = VQGANConfig()
         return _Source(name, kind, dalle.image_vocab_size, None, True,
-                       dalle.image_tokens_per_dim * VQGANConfig().downsample_factor)
+                       dalle.image_tokens_per_dim * vqgan.downsample_factor, vqgan.resolution,
+                       vqgan.downsample_factor)
     dalle = read_config(directory / "dalle", DalleConfig, model_type="rudalle")
     vae = read_config(directory / "vae", VQGANConfig, model_type="vqgan")
     side = dalle.image_tokens_per_dim * vae.downsample_factor * (2 if vae.dwt else 1)
@@ -112,7 +123,8 @@ def _resolve_model(name: str) -> _Source:
         from .realesrgan import RRDBNetConfig
 
         scales = (read_config(directory / "upscaler", RRDBNetConfig, model_type="rrdbnet").scale,)
-    return _Source(name, kind, dalle.image_vocab_size, scales, (directory / "clip").is_dir(), side)
+    return _Source(name, kind, dalle.image_vocab_size, scales, (directory / "clip").is_dir(), side, vae.resolution,
+                   vae.downsample_factor)
 
 
 def _resolve_device(device: Optional[str]) -> str:
@@ -209,6 +221,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """``rudalle-pipe generate``: the whole chain, written into ``--out``."""
     import torch
 
+    from .cli_image_prompt import apply_paste_back, build_prompt, check_image_prompt_args, prompt_record
     from .clip import cherry_pick_by_clip
     from .generation import generate_images
     from .hub import WeightsNotFoundError
@@ -218,6 +231,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .show import image_grid
 
     source, names = _check_generate_args(args)
+    spec = check_image_prompt_args(args, source)
     previous = _check_out(args, source, names)
     out = Path(args.out)
     progress = not args.no_progress
@@ -236,11 +250,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     timings["load"] = time.perf_counter() - tick
     logger.info("loaded %s on %s in %.1f s", source.name, args.device, timings["load"])
 
-    # 2. sample the candidates
+    # 2. sample the candidates (with --paste-back, the kept pixels go back in BEFORE rerank and upscale)
     tick = time.perf_counter()
+    prompt = None if spec is None else build_prompt(spec, pipe.vae)
     gen = generate_images(args.text, pipe.tokenizer, pipe.dalle, pipe.vae, top_k=args.top_k, top_p=args.top_p,
                           num_images=args.num_images, temperature=args.temperature, batch_size=args.batch_size,
-                          seed=args.seed, progress=progress)
+                          seed=args.seed, progress=progress, image_prompt=prompt)
+    candidates = gen.images if spec is None else apply_paste_back(gen.images, spec, prompt)
     timings["generate"] = time.perf_counter() - tick
     perplexities = [_finite_or_none(p, f"the perplexity of candidate {i}") for i, p in enumerate(gen.perplexities)]
 
@@ -249,7 +265,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     scores: list[Optional[float]] = [None] * args.num_images
     order = list(range(args.num_images))
     if args.rerank:
-        ranked = cherry_pick_by_clip(gen.images, args.text, pipe.clip, batch_size=args.batch_size,
+        ranked = cherry_pick_by_clip(candidates, args.text, pipe.clip, batch_size=args.batch_size,
                                      progress=progress)  # all candidates: dropped ones get a score too
         order = ranked.indices[: args.rerank]
         for i, score in zip(ranked.indices, ranked.scores):
@@ -258,7 +274,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     # 4. upscale the kept images
     tick = time.perf_counter()
-    kept = [gen.images[i] for i in order]
+    kept = [candidates[i] for i in order]
     if args.upscale != "none":
         if pipe.upscaler is None or pipe.upscaler.scale != int(args.upscale[1:]):
             raise RuntimeError(f"pipeline {source.name!r} did not provide an {args.upscale} upscaler")
@@ -286,12 +302,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "candidates": [{"index": i, "seed": gen.seeds[i], "perplexity": perplexities[i],
                             "clip_score": scores[i]} for i in range(args.num_images)],
             "contact_sheet": {"file": CONTACT_SHEET, "nrow": nrow, "order": "candidate index"},
+            **({} if spec is None else {"image_prompt": prompt_record(spec, prompt)}),
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
         }
         return (json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
 
     outputs = [(name, lambda image=image: png_bytes(image)) for name, image in zip(names, kept)]
-    outputs += [(CONTACT_SHEET, lambda: png_bytes(image_grid(gen.images, nrow=nrow))), (RESULTS, record)]
+    outputs += [(CONTACT_SHEET, lambda: png_bytes(image_grid(candidates, nrow=nrow))), (RESULTS, record)]
     write_run(out, outputs, previous)
     plural = "s" if len(kept) != 1 else ""
     sys.stdout.write(f"wrote {len(kept)} image{plural}, {CONTACT_SHEET} and {RESULTS} to {out}\n")
@@ -342,6 +359,7 @@ def _add_generate(subparsers, common: argparse.ArgumentParser) -> None:
                         "with a name this run writes that no results.json lists is refused")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--cache-dir", default=None, metavar="DIR", help="Hugging Face cache (default: the HF default)")
+    add_image_prompt_args(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -411,7 +429,7 @@ def _add_models(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------------------- main
-VERBS: list[Callable[..., None]] = [_add_generate, add_finetune, _add_models]
+VERBS: list[Callable[..., None]] = [_add_generate, add_outpaint, add_finetune, _add_models]
 
 
 def build_parser() -> argparse.ArgumentParser:

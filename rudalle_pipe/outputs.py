@@ -1,7 +1,8 @@
 """The output folder of ``rudalle-pipe generate``: what a run may replace, how much room it needs,
 and writing its files so that a failed or interrupted run leaves nothing behind.
 
-A run writes ``image_000.png``, ``image_001.png``, ..., ``contact_sheet.png`` and ``results.json``.
+A run writes ``image_000.png``, ``image_001.png``, ..., ``contact_sheet.png`` and ``results.json``
+(``outpaint`` writes no contact sheet: its record has no ``contact_sheet`` entry).
 ``results.json`` is the run's *completion record*: it lists every other file of the run and is moved
 into place last, so its presence means the run finished.
 
@@ -96,10 +97,10 @@ def _previous_run(out: Path) -> frozenset[str]:
     except (OSError, ValueError) as err:  # ValueError: not JSON, not UTF-8, not a regular file, too large
         raise FileExistsError(f"{problem} ({err}); it is never replaced: move it away or choose another --out") from err
     entries = record.get("images") if isinstance(record, dict) else None
-    sheet = record.get("contact_sheet") if isinstance(record, dict) else None
+    sheet = record.get("contact_sheet", {}) if isinstance(record, dict) else None  # outpaint writes none
     if not isinstance(entries, list) or not isinstance(sheet, dict):
-        raise FileExistsError(f"{problem} (no 'images' list and 'contact_sheet'); it is never replaced: "
-                              "move it away or choose another --out")
+        raise FileExistsError(f"{problem} (no 'images' list, or a 'contact_sheet' that is not an object); it is "
+                              "never replaced: move it away or choose another --out")
     names = [e.get("file") for e in entries if isinstance(e, dict)] + [sheet.get("file")]
     return frozenset({RESULTS, *(n for n in names if isinstance(n, str) and _RUN_FILE.fullmatch(n))})
 
