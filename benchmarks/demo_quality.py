@@ -19,12 +19,17 @@ each value next to its goal:
 4. x4 super-resolution: PSNR against the 256 px render, for the upscaler and for PIL bicubic, both
    from the 64 px render of held-out scenes;
 5. speed: wall time of the chain for one prompt (model loading excluded): generate ``--candidates``
-   images, rerank with CLIP, upscale the best 4 x4; the median over 3 prompts.
+   images, rerank with CLIP, upscale the best 4 x4; the median over 3 prompts;
+6. image prompts (seen prompts): inpainting (the object's patches masked out, the same caption, CLIP
+   top-1 of ``--candidates`` scored by the detector), paste-back (largest difference of a kept pixel
+   from the input after ``paste_back``), outpainting (``right=2`` on scenes with the object on the
+   left: kept codes unchanged, and the new strip's mean colour within 8 levels of the background).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import statistics
 import time
 from typing import Sequence
@@ -33,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rudalle_pipe import shapes
+from rudalle_pipe import ImagePrompt, outpaint, paste_back, shapes
 from rudalle_pipe.clip import cherry_pick_by_clip
 from rudalle_pipe.generation import generate_images
 from rudalle_pipe.pipeline import Pipeline, load_pipeline
@@ -122,6 +127,42 @@ def chain_seconds(pipe: Pipeline, candidates: int, seed: int, sampling: dict, re
     return statistics.median(times)
 
 
+def image_prompt_rates(pipe: Pipeline, prompts: int, candidates: int, seed: int,
+                       sampling: dict) -> dict[str, float]:
+    """Inpainting accuracy, paste-back's largest kept-pixel difference, and outpainting checks (see 6.)."""
+    exs = examples("train", prompts, seed + 7)
+    tops, scenes, worst_paste = [], [], 0
+    for i, ex in enumerate(exs):
+        image, scene = ex[64], ex["scene"]
+        pixels = np.asarray(image, np.int16)
+        background = np.array(shapes.BACKGROUNDS[scene.background], np.int16)
+        keep = np.abs(pixels - background).max(axis=-1) <= 24  # background pixels; the object's patches go
+        prompt = ImagePrompt.from_mask(image, pipe.vae, keep)
+        out = generate_images(ex["caption"], pipe.tokenizer, pipe.dalle, pipe.vae, num_images=candidates,
+                              seed=seed * 1000 + i * candidates, progress=False, image_prompt=prompt, **sampling)
+        pasted = paste_back(out.images, image, keep, feather=2)
+        worst_paste = max(worst_paste, max(int(np.abs(np.asarray(p, np.int16) - pixels)[keep].max()) for p in pasted))
+        if pipe.clip is not None:
+            tops.append(cherry_pick_by_clip(pasted, ex["caption"], pipe.clip, top_n=1, progress=False).images[0])
+        else:
+            tops.append(pasted[0])
+        scenes.append(scene)
+    left = [e for e in examples("train", prompts * 8, seed + 8) if e["scene"].position == "слева"][:prompts]
+    kept_ok, strip_ok = [], []
+    for i, ex in enumerate(left):
+        result = outpaint(ex[64], ex["caption"], pipe.tokenizer, pipe.dalle, pipe.vae, right=2, seed=seed + i,
+                          **sampling)
+        side = math.isqrt(result.codes.shape[-1])  # codes per side
+        old = result.input_codes.view(side, side)[:, 2:]
+        new = result.codes[0, 0].view(side, side)
+        kept_ok.append(bool((new[:, :side - 2] == old).all()))
+        strip = np.asarray(result.stitched[0], np.float64)[:, -2 * ex[64].width // side:]
+        background = np.array(shapes.BACKGROUNDS[ex["scene"].background], np.float64)
+        strip_ok.append(bool(np.abs(strip.reshape(-1, 3).mean(0) - background).max() <= 8))
+    return {"inpaint": shapes.score(tops, scenes)["all"], "paste": float(worst_paste),
+            "outpaint_kept": float(np.mean(kept_ok)), "outpaint_strip": float(np.mean(strip_ok)), "left": len(left)}
+
+
 def row(name: str, value: str, goal: str = "", ok: bool | None = None) -> str:
     mark = "" if ok is None else ("ok" if ok else "MISS")
     return f"{name:<46} {value:>10}   {goal:<22} {mark}"
@@ -185,6 +226,16 @@ def main() -> None:
         print(row(f"x4 SR PSNR vs 256 px, bicubic ({n_sr})", f"{bicubic:.2f} dB", "(reference)"))
     else:
         print(row("x4 SR PSNR", "n/a", "(no upscaler in pipeline)"))
+
+    ip = image_prompt_rates(pipe, prompts, args.candidates, args.seed, sampling)
+    top = "CLIP top-1" if pipe.clip is not None else "candidate 0"
+    print(row(f"inpaint ({prompts}): {top} of {args.candidates}, all", f"{ip['inpaint']:.1%}", ">= 90%",
+              ip["inpaint"] >= 0.9))
+    print(row("paste-back: largest kept-pixel difference", f"{ip['paste']:.0f}", "= 0", ip["paste"] == 0))
+    print(row(f"outpaint right=2 ({ip['left']}): kept codes unchanged", f"{ip['outpaint_kept']:.1%}", "= 100%",
+              ip["outpaint_kept"] == 1))
+    print(row(f"outpaint right=2 ({ip['left']}): new strip is background", f"{ip['outpaint_strip']:.1%}", ">= 90%",
+              ip["outpaint_strip"] >= 0.9))
 
     seconds = chain_seconds(pipe, args.candidates, args.seed, sampling)
     print(row(f"chain: {args.candidates} cand + rerank + x4 best 4 (median/3)", f"{seconds:.2f} s", "< 10 s",
