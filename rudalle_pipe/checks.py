@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-__all__ = ["check_int", "check_count", "check_float", "MAX_IMAGES"]
+__all__ = ["check_int", "check_count", "check_float", "one_line", "MAX_IMAGES"]
 
 MAX_IMAGES = 4096  # upper bound of num_images in one call: 4096 Malevich images are hours on a GPU
 
@@ -46,3 +46,9 @@ def check_float(name: str, value: object, *, low: Optional[float] = None, high: 
     if bad:
         raise ValueError(f"{name} must be a finite number {span}, got {value}")
     return value
+
+
+def one_line(message: object) -> str:
+    """``str(message)`` (an error or any text) with its whitespace, newlines included, collapsed to
+    single spaces: error messages are printed as one line."""
+    return " ".join(str(message).split())

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from .checks import one_line as _one_line  # light: the command line imports torch lazily
 from .cli_finetune import add_finetune
 from .cli_image_prompt import add_image_prompt_args
 from .cli_outpaint import add_outpaint
@@ -61,10 +62,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(f"{message} (see `{self.prog} --help`)")
-
-
-def _one_line(message: object) -> str:
-    return " ".join(str(message).split())
 
 
 def _describe(err: BaseException) -> str:

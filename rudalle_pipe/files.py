@@ -40,8 +40,9 @@ def _temp_sibling(path: Path) -> Path:
     return path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable (best effort: not every platform allows it)."""
+def fsync_dir(directory: Union[str, os.PathLike]) -> None:
+    """Make renames inside ``directory`` durable, e.g. after :func:`rename_into_place` (best effort:
+    not every platform allows it)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -52,11 +53,6 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def fsync_dir(directory: Union[str, os.PathLike]) -> None:
-    """Make renames inside ``directory`` durable, e.g. after :func:`rename_into_place` (best effort)."""
-    _fsync_dir(Path(directory))
 
 
 def atomic_write(path: Union[str, os.PathLike], data: Payload, *, overwrite: bool = True,
@@ -90,7 +86,7 @@ def atomic_write(path: Union[str, os.PathLike], data: Payload, *, overwrite: boo
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -130,7 +126,7 @@ def fsync_tree(directory: Union[str, os.PathLike]) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(root))
+        fsync_dir(Path(root))
 
 
 @contextlib.contextmanager
@@ -163,7 +159,7 @@ def atomic_directory(path: Union[str, os.PathLike]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def resolve_inside(root: Union[str, os.PathLike], name: object, *, what: str,

@@ -10,14 +10,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["check_images", "DECODE_ERRORS", "one_line", "resize_and_crop", "prepare_image", "images_to_tensor"]
+from .checks import one_line
+
+__all__ = ["check_images", "DECODE_ERRORS", "resize_and_crop", "prepare_image", "images_to_tensor"]
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on bad files
-
-
-def one_line(err: BaseException) -> str:
-    """``str(err)`` with its whitespace (newlines included) collapsed to single spaces."""
-    return " ".join(str(err).split())
 
 
 def check_images(images: Sequence[Image.Image], *, modes: Iterable[str] | None = None,

@@ -197,7 +197,7 @@ def save_checkpoint(accelerator: Any, out_dir: Path, step: int, extra: dict[str,
                 _remove(previous)
             os.rename(current, previous)
         os.rename(new, current)
-        files._fsync_dir(out_dir)  # make the renames durable
+        files.fsync_dir(out_dir)  # make the renames durable
         if previous.exists():
             _remove(previous)
     accelerator.wait_for_everyone()

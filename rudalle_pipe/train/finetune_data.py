@@ -20,7 +20,8 @@ from PIL import Image
 
 from .. import files
 from ..dalle import DalleModel
-from ..images import DECODE_ERRORS, images_to_tensor, one_line, prepare_image  # prepare_image: re-exported
+from ..checks import one_line
+from ..images import DECODE_ERRORS, images_to_tensor, prepare_image  # prepare_image: re-exported
 from ..tokenizer import YTTMTokenizer, prepare_text
 
 logger = logging.getLogger(__name__)
