@@ -1,5 +1,5 @@
-"""Generation speed: the key/value cache against full recomputation, and batch-1 decoding against
-the memory-bandwidth roofline.
+"""Generation speed: the key/value cache against full recomputation, batch-1 decoding against the
+memory-bandwidth roofline, and the cost of classifier-free guidance.
 
 Rerun with::
 
@@ -17,6 +17,12 @@ on their values):
    the layers' weights and the image part of the output head. The bandwidth of a shared VM drifts
    by 2x within minutes, so decoding runs in blocks of 64 tokens, each right after its own
    bandwidth reading, and the ratio is the median over blocks.
+4. guidance ratio: the same Malevich-shaped config at batch 1, time per decoding step of
+   ``sample_codes`` with ``guidance_scale=3`` (2 rows: the image and its empty-text partner, one
+   cache, each weight read once for both rows by the numpy BLAS path) against ``guidance_scale=1``
+   (1 row). Each run times its first positions through a step callback that then cancels it; runs
+   alternate unguided/guided so that bandwidth drift hits both, and the ratio is the median over
+   pairs.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import time
 import torch
 
 from rudalle_pipe import DalleConfig, DalleModel
-from rudalle_pipe.generation import _draw, decoding_threads, sample_codes
+from rudalle_pipe.generation import GenerationCancelled, _draw, decoding_threads, sample_codes
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
@@ -79,6 +85,26 @@ def decode_blocks(model: DalleModel, *, tokens: int, block: int) -> list[tuple[f
     return results
 
 
+def step_time(model: DalleModel, *, guidance_scale: float, steps: int) -> float:
+    """Median seconds per decoding step of one batch-1 ``sample_codes`` run over its first ``steps``
+    positions (sampling, guidance mix and the callback's copy included): a step callback records a
+    timestamp at each position and cancels the run after ``steps``."""
+    cfg = model.config
+    text = torch.randint(1, cfg.vocab_size - cfg.text_seq_length, (cfg.text_seq_length,))
+    stamps: list[float] = []
+
+    def tick(step: int, total: int, codes: torch.Tensor) -> bool:
+        stamps.append(time.perf_counter())
+        return step < steps  # False cancels: the timing is done
+
+    try:
+        sample_codes(model, text, seeds=[0], top_k=512, top_p=0.99, guidance_scale=guidance_scale,
+                     callback=tick, progress=False)
+    except GenerationCancelled:
+        pass  # expected: the callback stops the run after `steps` positions
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a 16x16 grid (256 tokens) instead of 32x32")
@@ -120,6 +146,19 @@ def main() -> None:
     print(f"  measured (median):     {per_token * 1e3:8.2f} ms/token")
     print(f"  roofline ratio:        {statistics.median(ratios):8.2f}x median, {ratios[0]:.2f}x-{ratios[-1]:.2f}x "
           f"over blocks  (goal <= 1.5x)")
+
+    steps, pairs = (64, 3) if args.quick else (128, 5)
+    unguided, guided = [], []
+    for _ in range(pairs):  # alternate, so that drift hits both
+        unguided.append(step_time(big, guidance_scale=1.0, steps=steps))
+        guided.append(step_time(big, guidance_scale=3.0, steps=steps))
+    ratios = sorted(g / u for u, g in zip(unguided, guided))
+    print(f"\n[guidance] hidden 2048, 16 heads, 2 layers, fp32, batch 1, first {steps} image positions, "
+          f"{pairs} alternating pairs of runs")
+    print(f"  unguided (1 row):      {statistics.median(unguided) * 1e3:8.2f} ms/step median")
+    print(f"  guided, scale 3 (2 rows, one cache): {statistics.median(guided) * 1e3:8.2f} ms/step median")
+    print(f"  guidance ratio:        {statistics.median(ratios):8.2f}x median, {ratios[0]:.2f}x-{ratios[-1]:.2f}x "
+          f"over pairs  (goal <= 1.3x)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import rudalle_pipe.generation as generation
+import rudalle_pipe.sampling as sampling
 from rudalle_pipe import GenerationCancelled, generate_images, preview_images
 from rudalle_pipe.generation import codes_to_images
 from rudalle_pipe.tokenizer import YTTMTokenizer
@@ -85,7 +85,7 @@ def test_nothing_leaks_when_the_callback_stops(pipeline, monkeypatch, how, scale
     real_init = dalle.init_cache
     monkeypatch.setattr(dalle, "init_cache", lambda b: (c := real_init(b), caches.append(weakref.ref(c)))[0])
 
-    class SpyBar(generation.tqdm):
+    class SpyBar(sampling.tqdm):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             self.closed = False
@@ -95,7 +95,7 @@ def test_nothing_leaks_when_the_callback_stops(pipeline, monkeypatch, how, scale
             self.closed = True
             super().close()
 
-    monkeypatch.setattr(generation, "tqdm", SpyBar)
+    monkeypatch.setattr(sampling, "tqdm", SpyBar)
     boom = Boom("callback bug")
 
     def callback(step, total, codes):
