@@ -5,6 +5,7 @@ Rerun with::
 
     python benchmarks/generation.py            # about 2-3 minutes on a 2-core CPU
     python benchmarks/generation.py --quick    # fewer tokens, for a smoke run
+    python benchmarks/generation.py --guidance-only   # only section 4 (about 3 minutes)
 
 Everything is measured in this one run on this machine, with random weights (speed does not depend
 on their values):
@@ -108,44 +109,47 @@ def step_time(model: DalleModel, *, guidance_scale: float, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a 16x16 grid (256 tokens) instead of 32x32")
+    parser.add_argument("--guidance-only", action="store_true", help="skip the cache and roofline sections")
     args = parser.parse_args()
     side = 16 if args.quick else 32
     tokens = side * side
     torch.manual_seed(0)
     print(f"# rudalle_pipe generation benchmark — torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}")
-    print("# rerun: python benchmarks/generation.py")
+    print("# rerun: python benchmarks/generation.py [--quick] [--guidance-only]")
 
-    bandwidth = read_bandwidth()
-    print(f"memory bandwidth (streaming fp32 read): {bandwidth / 1e9:.1f} GB/s")
+    if not args.guidance_only:
+        bandwidth = read_bandwidth()
+        print(f"memory bandwidth (streaming fp32 read): {bandwidth / 1e9:.1f} GB/s")
 
-    with torch.inference_mode():
-        small = DalleModel(DalleConfig(num_layers=4, hidden_size=64, num_attention_heads=4, image_tokens_per_dim=side)).eval()
-        cached = time_generation(small, use_cache=True)
-        full = time_generation(small, use_cache=False)
-    print(f"\n[cache] 4 layers, hidden 64, {tokens} image tokens, batch 1")
-    print(f"  with cache:      {cached * 1e3:8.2f} ms/token")
-    print(f"  without cache:   {full * 1e3:8.2f} ms/token (whole sequence recomputed every step)")
-    print(f"  cache ratio:     {full / cached:8.1f}x   (goal >= 20x)")
+        with torch.inference_mode():
+            small = DalleModel(DalleConfig(num_layers=4, hidden_size=64, num_attention_heads=4, image_tokens_per_dim=side)).eval()
+            cached = time_generation(small, use_cache=True)
+            full = time_generation(small, use_cache=False)
+        print(f"\n[cache] 4 layers, hidden 64, {tokens} image tokens, batch 1")
+        print(f"  with cache:      {cached * 1e3:8.2f} ms/token")
+        print(f"  without cache:   {full * 1e3:8.2f} ms/token (whole sequence recomputed every step)")
+        print(f"  cache ratio:     {full / cached:8.1f}x   (goal >= 20x)")
 
     cfg = DalleConfig(num_layers=2, hidden_size=2048, num_attention_heads=16, image_tokens_per_dim=side)
     big = DalleModel(cfg).eval()
-    layer_bytes = sum(p.numel() * p.element_size() for p in big.transformer.layers.parameters())
-    head = big.to_logits[1]
-    head_bytes = (head.weight[cfg.vocab_size:].numel() + head.bias[cfg.vocab_size:].numel()) * head.weight.element_size()
-    step_bytes = layer_bytes + head_bytes
-    blocks = decode_blocks(big, tokens=tokens, block=64)
-    per_token = statistics.median(t for t, _ in blocks)
-    bw = statistics.median(b for _, b in blocks)
-    ratios = sorted(t / (step_bytes / b) for t, b in blocks)
-    print(f"\n[roofline] hidden 2048, 16 heads, 2 layers, fp32, batch 1, {tokens} image tokens "
-          f"in {len(blocks)} blocks, each timed right after its own bandwidth reading")
-    print(f"  weights read per step: {step_bytes / 1e6:.1f} MB (layers {layer_bytes / 1e6:.1f} + image head {head_bytes / 1e6:.1f})")
-    print(f"  bandwidth (median):    {bw / 1e9:8.1f} GB/s")
-    print(f"  bandwidth bound:       {step_bytes / bw * 1e3:8.2f} ms/token")
-    print(f"  measured (median):     {per_token * 1e3:8.2f} ms/token")
-    print(f"  roofline ratio:        {statistics.median(ratios):8.2f}x median, {ratios[0]:.2f}x-{ratios[-1]:.2f}x "
-          f"over blocks  (goal <= 1.5x)")
+    if not args.guidance_only:
+        layer_bytes = sum(p.numel() * p.element_size() for p in big.transformer.layers.parameters())
+        head = big.to_logits[1]
+        head_bytes = (head.weight[cfg.vocab_size:].numel() + head.bias[cfg.vocab_size:].numel()) * head.weight.element_size()
+        step_bytes = layer_bytes + head_bytes
+        blocks = decode_blocks(big, tokens=tokens, block=64)
+        per_token = statistics.median(t for t, _ in blocks)
+        bw = statistics.median(b for _, b in blocks)
+        ratios = sorted(t / (step_bytes / b) for t, b in blocks)
+        print(f"\n[roofline] hidden 2048, 16 heads, 2 layers, fp32, batch 1, {tokens} image tokens "
+              f"in {len(blocks)} blocks, each timed right after its own bandwidth reading")
+        print(f"  weights read per step: {step_bytes / 1e6:.1f} MB (layers {layer_bytes / 1e6:.1f} + image head {head_bytes / 1e6:.1f})")
+        print(f"  bandwidth (median):    {bw / 1e9:8.1f} GB/s")
+        print(f"  bandwidth bound:       {step_bytes / bw * 1e3:8.2f} ms/token")
+        print(f"  measured (median):     {per_token * 1e3:8.2f} ms/token")
+        print(f"  roofline ratio:        {statistics.median(ratios):8.2f}x median, {ratios[0]:.2f}x-{ratios[-1]:.2f}x "
+              f"over blocks  (goal <= 1.5x)")
 
     steps, pairs = (64, 3) if args.quick else (128, 5)
     unguided, guided = [], []
