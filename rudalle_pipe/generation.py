@@ -331,6 +331,8 @@ def generate_images(
     check_sampling_args(top_k=top_k, top_p=top_p, temperature=temperature, vocab=dalle.config.image_vocab_size,
                         num_images=num_images, batch_size=batch_size, seed=seed)
     forced_codes, forced_mask = check_image_prompt(image_prompt, dalle) if image_prompt is not None else (None, None)
+    if unknown := getattr(tokenizer, "unknown_words", lambda _: [])(text):  # words outside tokenizer.vocabulary
+        logger.warning("prompt %r has words the generator was not trained on: %s", text, ", ".join(unknown))
     text_ids = tokenizer.encode_text(prepare_text(text), dalle.config.text_seq_length)
     seeds = seeds_for(num_images, seed, generator)
     logger.info("generating %d images for %r (top_k=%d, top_p=%s, temperature=%s)",
