@@ -5,6 +5,7 @@ Rerun with::
     python benchmarks/demo_quality.py                     # the bundled "demo" pipeline
     python benchmarks/demo_quality.py --model DIR         # any directory written by save_pipeline
     python benchmarks/demo_quality.py --prompts 96        # more prompts per split (default 48)
+    python benchmarks/demo_quality.py --seeds 0 1 2       # the README's table: generation rows over 3 seeds
     python benchmarks/demo_quality.py --quick             # few prompts and images, for a smoke run
 
 Everything is measured in this one run, with fixed seeds (``--seed``), and printed as one table,
@@ -12,14 +13,19 @@ each value next to its goal:
 
 1. detector: accuracy of ``shapes.detect`` on ground-truth 64 px renders (split "all"), all five
    attributes right and per attribute;
-2. generation, separately for seen (split "train") and held-out (split "heldout") prompts: for each
-   prompt ``--candidates`` images are generated; candidate 0 stands for "one random image" (all
-   attributes and per attribute), and CLIP's top-1 of all candidates is scored too;
+2. generation, separately for seen (split "train") and held-out (split "heldout") prompts, at every
+   classifier-free guidance scale of ``--guidance-scales`` (1 = unguided) and averaged over
+   ``--seeds``: for each prompt ``--candidates`` images are generated; the number of distinct
+   candidates (different code grids), candidate 0 ("one random image"), and the top-1 by CLIP, by
+   the generator's own perplexity (the original's ranking) and by the combined score
+   (``rerank(by="combined")``) are scored by the detector, all five attributes right. The goals are
+   then printed unguided and at the best scale (best held-out random-candidate accuracy);
 3. VQGAN: reconstruction PSNR (encode -> decode) of held-out 64 px renders;
 4. x4 super-resolution: PSNR against the 256 px render, for the upscaler and for PIL bicubic, both
    from the 64 px render of held-out scenes;
 5. speed: wall time of the chain for one prompt (model loading excluded): generate ``--candidates``
-   images, rerank with CLIP, upscale the best 4 x4; the median over 3 prompts;
+   images (unguided, and with the best guidance scale), rerank with CLIP, upscale the best 4 x4; the
+   median over 3 prompts;
 6. image prompts (seen prompts): inpainting (the object's patches masked out, the same caption, CLIP
    top-1 of ``--candidates`` scored by the detector), paste-back (largest difference of a kept pixel
    from the input after ``paste_back``), outpainting (``right=2`` on scenes with the object on the
@@ -38,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rudalle_pipe import ImagePrompt, outpaint, paste_back, shapes
+from rudalle_pipe import ImagePrompt, outpaint, paste_back, rerank, shapes
 from rudalle_pipe.clip import cherry_pick_by_clip
 from rudalle_pipe.generation import generate_images
 from rudalle_pipe.pipeline import Pipeline, load_pipeline
@@ -68,22 +74,40 @@ def detector_accuracy(count: int, seed: int) -> dict[str, float]:
     return shapes.score([e[64] for e in exs], [e["scene"] for e in exs])
 
 
+def _top1(values: Sequence[float], lowest: bool = False) -> int:
+    """Index of the best value (the first one among ties)."""
+    return min(range(len(values)), key=lambda i: values[i] if lowest else -values[i])
+
+
 def generation_accuracy(pipe: Pipeline, split: str, prompts: int, candidates: int, seed: int,
-                        sampling: dict) -> dict[str, dict[str, float]]:
-    """Detector scores of candidate 0 ("random") and of CLIP's top-1 ("clip") over ``prompts`` prompts."""
+                        sampling: dict, guidance_scale: float = 1.0) -> dict:
+    """For ``prompts`` prompts of ``split``, ``candidates`` images each (guided by ``guidance_scale``):
+    detector scores of candidate 0 ("random") and of the top-1 by CLIP, by the model's own perplexity
+    and by the combined score ("clip", "perplexity", "combined"), and the mean number of distinct
+    candidates (different code grids) per prompt ("distinct")."""
     exs = examples(split, prompts, seed + (2 if split == "train" else 3))
-    randoms, tops, scenes = [], [], []
+    picks: dict[str, list] = {"random": [], "clip": [], "perplexity": [], "combined": []}
+    scenes, distinct = [], []
     for i, ex in enumerate(exs):
         out = generate_images(ex["caption"], pipe.tokenizer, pipe.dalle, pipe.vae, num_images=candidates,
-                              seed=seed * 1000 + i * candidates, progress=False, **sampling)
-        randoms.append(out.images[0])
+                              seed=seed * 1000 + i * candidates, progress=False, guidance_scale=guidance_scale,
+                              **sampling)
         scenes.append(ex["scene"])
+        distinct.append(len({tuple(c.tolist()) for c in out.codes}))
+        picks["random"].append(out.images[0])
+        picks["perplexity"].append(out.images[_top1(out.perplexities, lowest=True)])
         if pipe.clip is not None:
-            tops.append(cherry_pick_by_clip(out.images, ex["caption"], pipe.clip, top_n=1, progress=False).images[0])
+            ranked = rerank(out.images, ex["caption"], clip=pipe.clip, perplexities=out.perplexities,
+                            by="combined", progress=False)
+            by_input = {name: [0.0] * candidates for name in ("clip", "combined")}
+            for j, index in enumerate(ranked.indices):
+                by_input["clip"][index] = ranked.clip_scores[j]
+                by_input["combined"][index] = ranked.combined[j]
+            picks["clip"].append(out.images[_top1(by_input["clip"])])
+            picks["combined"].append(out.images[ranked.indices[0]])
         logger.info("%s prompt %d/%d done: %r", split, i + 1, len(exs), ex["caption"])
-    result = {"random": shapes.score(randoms, scenes)}
-    if tops:
-        result["clip"] = shapes.score(tops, scenes)
+    result = {name: shapes.score(images, scenes) for name, images in picks.items() if images}
+    result["distinct"] = float(np.mean(distinct))
     return result
 
 
@@ -110,13 +134,14 @@ def sr_psnr(pipe: Pipeline, count: int, seed: int) -> tuple[float, float]:
     return float(np.mean(model)), float(np.mean(bicubic))
 
 
-def chain_seconds(pipe: Pipeline, candidates: int, seed: int, sampling: dict, repeats: int = 3) -> float:
+def chain_seconds(pipe: Pipeline, candidates: int, seed: int, sampling: dict, repeats: int = 3,
+                  guidance_scale: float = 1.0) -> float:
     """Median wall time of generate ``candidates`` + CLIP rerank + x4 of the best 4, per prompt."""
     times = []
     for i, ex in enumerate(examples("heldout", repeats, seed + 6)):
         start = time.perf_counter()
         out = generate_images(ex["caption"], pipe.tokenizer, pipe.dalle, pipe.vae, num_images=candidates,
-                              seed=seed * 1000 + i, progress=False, **sampling)
+                              seed=seed * 1000 + i, progress=False, guidance_scale=guidance_scale, **sampling)
         best = out.images[:4]
         if pipe.clip is not None:
             best = cherry_pick_by_clip(out.images, ex["caption"], pipe.clip, top_n=min(4, candidates),
@@ -163,6 +188,52 @@ def image_prompt_rates(pipe: Pipeline, prompts: int, candidates: int, seed: int,
             "outpaint_kept": float(np.mean(kept_ok)), "outpaint_strip": float(np.mean(strip_ok)), "left": len(left)}
 
 
+RANKINGS = ("clip", "perplexity", "combined")
+
+
+def generation_table(pipe: Pipeline, prompts: int, args: argparse.Namespace, sampling: dict) -> float:
+    """Generate for both splits at every ``--guidance-scales`` value and every ``--seeds`` seed; print
+    one column per scale (means over the seeds), then the goals unguided and at the best scale (the
+    one with the best held-out random-candidate accuracy). Returns that scale."""
+    scales, seeds = args.guidance_scales, args.seeds
+    runs = {(split, scale): [generation_accuracy(pipe, split, prompts, args.candidates, seed, sampling, scale)
+                             for seed in seeds]
+            for split in ("train", "heldout") for scale in scales}
+
+    def mean(split: str, scale: float, key: str) -> float:
+        values = [r[key] if key == "distinct" else r[key]["all"] for r in runs[split, scale] if key in r]
+        return float(np.mean(values)) if values else float("nan")
+
+    print(f"\ngeneration, {prompts} prompts/split x {args.candidates} candidates, mean over seeds {seeds}; "
+          "'all attributes right' unless named")
+    print(f"{'guidance scale':<40}" + "".join(f"{s:>9g}" for s in scales))
+    for split, label in (("train", "seen"), ("heldout", "held-out")):
+        print(f"{label + ': distinct candidates of ' + str(args.candidates):<40}"
+              + "".join(f"{mean(split, s, 'distinct'):>9.1f}" for s in scales))
+        for key in ("random", *RANKINGS):
+            name = "one random candidate" if key == "random" else f"top-1 by {key}"
+            print(f"{label + ': ' + name:<40}" + "".join(f"{mean(split, s, key):>9.1%}" for s in scales))
+        if len(seeds) > 1:
+            for key in ("random", "clip"):
+                per_seed = ["/".join(f"{r[key]['all']:.0%}" for r in runs[split, s] if key in r) for s in scales]
+                print(f"{'  ' + label + ' ' + key + ' per seed':<40}" + "".join(f"{v:>9}" for v in per_seed))
+    guided = [s for s in scales if s != 1] or scales
+    best = max(guided, key=lambda s: (mean("heldout", s, "random"), -s))
+    print()
+    print(row("measure (unguided -> guidance %g)" % best, "value", "goal"))
+    print("-" * 88)
+    goals = [("train", "distinct", "seen: distinct candidates of %d" % args.candidates, 12.0, "count"),
+             ("train", "random", "seen: one random candidate", 0.70, "rate"),
+             ("train", "clip", "seen: CLIP top-1 of %d" % args.candidates, 0.95, "rate"),
+             ("heldout", "random", "held-out: one random candidate", 0.85, "rate"),
+             ("heldout", "clip", "held-out: CLIP top-1 of %d" % args.candidates, 0.90, "rate")]
+    for split, key, name, goal, kind in goals:
+        before, after = mean(split, 1.0, key) if 1.0 in scales else float("nan"), mean(split, best, key)
+        fmt = (lambda v: f"{v:.1f}") if kind == "count" else (lambda v: f"{v:.1%}")
+        print(row(name, f"{fmt(before)} -> {fmt(after)}", f">= {fmt(goal)}", after >= goal))
+    return best
+
+
 def row(name: str, value: str, goal: str = "", ok: bool | None = None) -> str:
     mark = "" if ok is None else ("ok" if ok else "MISS")
     return f"{name:<46} {value:>10}   {goal:<22} {mark}"
@@ -177,6 +248,10 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=None, help="default: min(2048, image vocabulary)")
     parser.add_argument("--top-p", type=float, default=0.99)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="S",
+                        help="base seeds of the generation rows, averaged (default: 0; the README uses 0 1 2)")
+    parser.add_argument("--guidance-scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0], metavar="G",
+                        help="classifier-free guidance scales to scan (default: 1 2 3 5; 1 = unguided)")
     parser.add_argument("--quick", action="store_true", help="few prompts and images, for a smoke run")
     args = parser.parse_args()
     for name in ("prompts", "candidates"):
@@ -201,20 +276,7 @@ def main() -> None:
     for a in ATTRIBUTES:
         print(row(f"  detector {a}", f"{det[a]:.1%}", ">= 99%", det[a] >= 0.99))
 
-    goals = {"train": (0.70, 0.95, "seen"), "heldout": (0.50, 0.80, "held-out")}
-    for split, (g_random, g_clip, label) in goals.items():
-        acc = generation_accuracy(pipe, split, prompts, args.candidates, args.seed, sampling)
-        r = acc["random"]
-        print(row(f"{label} ({prompts}): random candidate, all", f"{r['all']:.1%}", f">= {g_random:.0%}",
-                  r["all"] >= g_random))
-        for a in ATTRIBUTES:
-            print(row(f"  {label} random {a}", f"{r[a]:.1%}"))
-        if "clip" in acc:
-            c = acc["clip"]["all"]
-            print(row(f"{label} ({prompts}): CLIP top-1 of {args.candidates}, all", f"{c:.1%}", f">= {g_clip:.0%}",
-                      c >= g_clip))
-        else:
-            print(row(f"{label}: CLIP top-1", "n/a", "(no CLIP in pipeline)"))
+    best = generation_table(pipe, prompts, args, sampling)
 
     vq = vqgan_psnr(pipe, n_vq, args.seed)
     print(row(f"VQGAN reconstruction PSNR, held-out ({n_vq})", f"{vq:.2f} dB", ">= 30 dB", vq >= 30))
@@ -237,9 +299,10 @@ def main() -> None:
     print(row(f"outpaint right=2 ({ip['left']}): new strip is background", f"{ip['outpaint_strip']:.1%}", ">= 90%",
               ip["outpaint_strip"] >= 0.9))
 
-    seconds = chain_seconds(pipe, args.candidates, args.seed, sampling)
-    print(row(f"chain: {args.candidates} cand + rerank + x4 best 4 (median/3)", f"{seconds:.2f} s", "< 10 s",
-              seconds < 10))
+    for scale in sorted({1.0, best}):
+        seconds = chain_seconds(pipe, args.candidates, args.seed, sampling, guidance_scale=scale)
+        print(row(f"chain, guidance {scale:g}: {args.candidates} cand + rerank + x4 best 4", f"{seconds:.2f} s",
+                  "< 10 s", seconds < 10))
 
 
 if __name__ == "__main__":

@@ -342,3 +342,9 @@ def generate_images(
                               forced_codes=forced_codes, forced_mask=forced_mask, progress=progress)
     images = codes_to_images(vae, codes, batch_size=batch_size)
     return GenerationOutput(images=images, codes=codes, perplexities=ppl.tolist(), seeds=seeds)
+
+
+def empty_text_ids(length: int) -> torch.Tensor:
+    """The empty text: ``[length]`` LongTensor of pads (zeros). Classifier-free guidance's default
+    unconditional prompt, and what caption dropout trains on."""
+    return torch.zeros(length, dtype=torch.long)

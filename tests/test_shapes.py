@@ -39,6 +39,38 @@ def test_make_example_is_deterministic():
     assert len({make_example(seed)["caption"] for seed in range(20)}) > 10  # seeds matter
 
 
+def test_variants_are_deterministic_varied_and_inside_their_ranges():
+    scene = Scene("квадрат", "красный", "большой", "слева", "серый")
+    plain = _pixels(render(scene, 64))
+    assert np.array_equal(_pixels(render(scene, 64, variant=None)), plain)
+    renders = [_pixels(render(scene, 64, variant=k)) for k in range(12)]
+    assert np.array_equal(renders[3], _pixels(render(scene, 64, variant=3)))  # a pure function of (scene, k)
+    assert len({r.tobytes() for r in renders}) == 12  # every variation differs
+    for k, px in enumerate(renders):
+        jitter = shapes.Jitter.of(scene, k)
+        assert abs(jitter.dx) <= shapes.JITTER_SHIFT and abs(jitter.dy) <= shapes.JITTER_SHIFT
+        assert abs(jitter.scale - 1) <= shapes.JITTER_SCALE and abs(jitter.degrees) <= shapes.JITTER_DEGREES
+        assert max(map(abs, jitter.object_shift)) <= shapes.JITTER_OBJECT
+        corner = px[0, 0] - np.array(BACKGROUNDS["серый"])  # the background shade moved by the shift
+        assert np.array_equal(corner, np.array(jitter.background_shift, np.float32))
+        assert not (px[:, :, 0] > 150).any(0)[:1].any() and not (px[:, :, 0] > 150).any(1)[:1].any()  # inside
+    # the same variation at 64 and 256 px: the same picture, only finer
+    fine = render(scene, 256, variant=5).resize((64, 64), Image.BOX)
+    assert np.abs(_pixels(fine) - renders[5]).mean() < 3
+    with pytest.raises(ValueError, match="variant must be an int >= 0"):
+        render(scene, 64, variant=-1)
+    with pytest.raises(ValueError, match="variant must be an int >= 0"):
+        render(scene, 64, variant=True)
+
+
+def test_make_example_is_varied_unless_asked_plain():
+    a = make_example(7)
+    assert isinstance(a["variant"], int) and a[64].tobytes() == render(a["scene"], 64, variant=a["variant"]).tobytes()
+    plain = make_example(7, varied=False)
+    assert plain["variant"] is None and plain[64].tobytes() == render(plain["scene"], 64).tobytes()
+    assert plain["scene"] == a["scene"] and plain["caption"] == a["caption"]
+
+
 def test_render_size_mode_and_colours():
     scene = Scene("круг", "жёлтый", "большой", "в центре", "синий")
     for size in (64, 256):
@@ -214,6 +246,20 @@ def test_detector_on_256px_renders():
     result = score([render(s, 256) for s in scenes], scenes)
     _report("detector 256px", result)
     assert result["all"] >= 0.99
+
+
+def test_detector_on_varied_renders():
+    """Within-caption variety (shift, scale, rotation, colour shades) stays readable: >= 99%."""
+    rng = random.Random(14)
+    scenes = _scenes(1000, seed=14)
+    variants = [rng.randrange(2**31) for _ in scenes]
+    result = score([render(s, 64, variant=v) for s, v in zip(scenes, variants)], scenes)
+    _report("detector 64px varied", result)
+    assert result["all"] >= 0.99
+    degraded = score([_degrade(render(s, 64, variant=v), i) for i, (s, v) in enumerate(zip(scenes[:300], variants))],
+                     scenes[:300])
+    _report("detector 64px varied blur+noise+jpeg", degraded)
+    assert degraded["all"] >= 0.9
 
 
 def _degrade(image: Image.Image, seed: int) -> Image.Image:

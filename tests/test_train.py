@@ -187,15 +187,25 @@ def test_dalle_stage_trains_and_saves(tmp_path, stage_inputs):
     from rudalle_pipe import DalleModel
 
     bpe_path, vae_dir = stage_inputs
-    final = dalle_stage.train(tmp_path, config=_dalle_config(), progress=False, tokenizer_path=bpe_path,
-                              vae_dir=vae_dir)
+    config = _dalle_config()
+    final = dalle_stage.train(tmp_path, config=config, progress=False, tokenizer_path=bpe_path, vae_dir=vae_dir)
     losses = _losses(tmp_path)
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.5
     model = DalleModel.from_pretrained(final)
     assert model.config.vocab_size == 128 + 18 and model.config.image_vocab_size == 16
     assert model.config.image_tokens_per_dim == 8
     codes = torch.load(tmp_path / "codes.pt", weights_only=True)["codes"]
-    assert codes.shape == (8, 64) and codes.dtype == torch.int16
+    assert codes.shape == (8 * config.variants, 64) and codes.dtype == torch.int16
+    # row k of scene s is the VQGAN's code grid of variation k of s, and variations differ
+    from rudalle_pipe.train.vqgan import load_trained
+
+    scenes = all_scenes("train")[:8]
+    variants = [k for _ in scenes for k in range(config.variants)]
+    vae = load_trained(vae_dir)
+    expect = dalle_stage.encode_dataset(vae, render_scenes([s for s in scenes for _ in range(config.variants)],
+                                                           vae.config.resolution, variants=variants))
+    assert torch.equal(codes, expect)
+    assert len({tuple(r.tolist()) for r in codes[: config.variants]}) > 1
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["heldout"]["loss"] > 0
 
@@ -225,7 +235,9 @@ def test_train_demo_quick_end_to_end(tmp_path, monkeypatch):
 
     pipeline_dir = demo.train_demo(tmp_path, quick=True, progress=False)
     meta = json.loads((pipeline_dir / "pipeline.json").read_text())
-    assert meta == {"format": "rudalle_pipe.pipeline", "version": 1, "name": "demo"}
+    assert meta == {"format": "rudalle_pipe.pipeline", "version": 1, "name": "demo",
+                    "vocabulary": demo.demo_vocabulary()}
+    assert {"звезда", "жёлтая", "слева", "фоне"} <= set(meta["vocabulary"]) and "котик" not in meta["vocabulary"]
     pipe = load_pipeline(pipeline_dir)
     assert pipe.dalle.dtype == torch.float32 and pipe.dalle.config.image_vocab_size == pipe.vae.num_tokens
     from safetensors import safe_open
@@ -334,3 +346,31 @@ def test_edge_weighted_loss_counts_errors_at_outlines_more():
     assert per_image.shape == (2,) and per_image[0] > per_image[1]
     with pytest.raises(ValueError, match="decoder_edge_weight"):
         _vqgan_config(decoder_edge_weight=-1.0)
+
+
+def test_dalle_batches_drop_captions_and_pair_each_render_with_its_scene():
+    """Rows pair every render with a caption of its own scene; a caption_dropout share of rows gets the
+    empty text (all pads); batches are a pure function of the step (resume sees the same data)."""
+    from rudalle_pipe.generation import empty_text_ids
+
+    S, K, V, T = 6, 3, 2, 5
+    texts = torch.arange(1, S * V * T + 1).view(S, V, T) % 97 + 1  # no zeros: a dropped row is recognisable
+    codes = (torch.arange(S * K)[:, None] * 10 + torch.arange(4)).to(torch.int16)  # row r starts with 10 r
+    config = dalle_stage.DalleTrainConfig(batch_size=16, caption_dropout=0.25, variants=K)
+    rows = torch.cat([dalle_stage.batch_rows(step, texts=texts, codes=codes, config=config) for step in range(200)])
+    text, image = rows[:, :T], rows[:, T:]
+    dropped = (text == empty_text_ids(T)).all(1)
+    assert torch.equal(empty_text_ids(T), torch.zeros(T, dtype=torch.long))
+    assert 0.2 < dropped.float().mean() < 0.3  # 3200 rows
+    render = image[:, 0] // 10  # which render each row holds
+    for t, r in zip(text[~dropped], render[~dropped]):
+        assert any(torch.equal(t, texts[int(r) // K, v]) for v in range(V))  # a caption of the render's scene
+    assert len(set(render.tolist())) == S * K  # every render is used
+    again = dalle_stage.batch_rows(7, texts=texts, codes=codes, config=config)
+    assert torch.equal(again, rows[7 * 16: 8 * 16])
+    none = replace(config, caption_dropout=0.0)
+    assert not (dalle_stage.batch_rows(3, texts=texts, codes=codes, config=none)[:, :T] == 0).all(1).any()
+    with pytest.raises(ValueError, match="caption_dropout"):
+        replace(config, caption_dropout=1.0)
+    with pytest.raises(ValueError, match="18 rows; 6 scenes x 4 renders"):
+        dalle_stage.batch_rows(0, texts=texts, codes=codes, config=replace(config, variants=4))

@@ -7,8 +7,9 @@ hundred, so the token table stays tiny) through :class:`rudalle_pipe.clip.YTTMCl
 text tower pools the EOS position (``pool_type="eos"``, ``eos_id=3``): open_clip's default
 ``"argmax"`` pools the highest id, which is the EOT only for its own tokenizer.
 
-Training data are the renders of every scene of split ``"train"`` (about 1,350 scenes), each with a
-random word order of its caption. Every batch:
+Training data are the renders of every scene of split ``"train"`` (about 1,350 scenes), in
+``variants`` variations each (``shapes.render(..., variant=k)``, one picked at random per use), each
+with a random word order of its caption. Every batch:
 
 * holds ``batch_size`` *distinct* scenes, so no in-batch negative is a copy of a positive, drawn
   as pairs of scenes one attribute apart, so that images and captions both meet hard negatives;
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from rudalle_pipe import files, shapes
 from rudalle_pipe.clip import ClipBundle, YTTMClipTokenizer, save_clip
 from rudalle_pipe.tokenizer import YTTMTokenizer
-from rudalle_pipe.train.common import LoopConfig, all_captions, all_scenes, render_scenes, run_training
+from rudalle_pipe.train.common import LoopConfig, all_captions, all_scenes, render_scenes, run_training, with_variants
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class ClipTrainConfig:
     hard_negatives: int = 2  # one-attribute-off captions added per image as extra negatives
     neighbour_pairs: bool = True  # fill batches with pairs of scenes one attribute apart (hard negatives both ways)
     augment: bool = True  # shifts, blur, colour jitter and noise, like imperfect generated images
+    variants: int = 4  # renders per scene, variations shapes.render(variant=0..variants-1); 0 = the plain render
     eval_images: int = 200  # held-out-pair images scored by evaluate() after training (0: skip)
     seed: int = 0  # data seed (batches are a function of (seed, step))
 
@@ -164,7 +166,8 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 def make_batch(step: int, *, config: ClipTrainConfig, scenes: Sequence[shapes.Scene], renders: torch.Tensor,
                tokenizer: YTTMClipTokenizer) -> dict[str, torch.Tensor]:
-    """The batch of ``step``, a pure function of ``(config.seed, step)``.
+    """The batch of ``step``, a pure function of ``(config.seed, step)``. ``renders`` are uint8
+    ``[N, 3, S, S]`` (one per scene) or ``[N, K, 3, S, S]`` (K variations per scene, one drawn per image).
 
     Returns:
         ``pixels`` float ``[B, 3, S, S]`` normalised; ``tokens`` int64 ``[B * (1 + hard_negatives),
@@ -190,7 +193,11 @@ def make_batch(step: int, *, config: ClipTrainConfig, scenes: Sequence[shapes.Sc
     batch_scenes = [scenes[i] for i in index]
     texts_scenes = batch_scenes + [one_off(s, rng) for s in batch_scenes for _ in range(config.hard_negatives)]
     texts = [shapes.caption(s, rng) for s in texts_scenes]
-    images = renders[index].float() / 255  # (B, 3, S, S) in [0, 1]
+    if renders.dim() == 5:  # (N, K, 3, S, S): K variations per scene, one picked per image
+        renders = renders[torch.tensor(index), torch.randint(0, renders.shape[1], (len(index),), generator=generator)]
+        images = renders.float() / 255  # (B, 3, S, S) in [0, 1]
+    else:
+        images = renders[index].float() / 255  # (B, 3, S, S) in [0, 1]
     if config.augment:
         images = augment(images, generator)
     same = torch.tensor([[a == t for t in texts_scenes] for a in batch_scenes])  # (B, T)
@@ -308,7 +315,10 @@ def train(out_dir: str | Path, *, config: ClipTrainConfig = DEMO_CONFIG, tokeniz
     arch = dataclasses.replace(config.model, context_length=context_length)
     tokenizer = YTTMClipTokenizer(bpe, context_length)
     scenes = all_scenes("train")
-    renders = render_scenes(scenes, arch.image_size)  # (N, 3, S, S) uint8
+    per_scene = max(config.variants, 1)
+    repeated, variants = with_variants(scenes, config.variants)
+    renders = render_scenes(repeated, arch.image_size, variants=variants).view(
+        len(scenes), per_scene, 3, arch.image_size, arch.image_size)  # (N, K, 3, S, S) uint8
     torch.manual_seed(config.loop.seed)
     bundle = build_clip(arch, tokenizer)
 

@@ -34,8 +34,9 @@ from . import checkpoints
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoopConfig", "OPTIMIZERS", "MAX_STEPS", "MAX_SEED", "MAX_LR", "make_optimizer", "run_training", "cosine_with_warmup", "all_scenes", "all_captions", "render_scenes",
-           "batch_indices", "is_main_process"]
+__all__ = ["LoopConfig", "OPTIMIZERS", "MAX_STEPS", "MAX_SEED", "MAX_LR", "make_optimizer", "run_training",
+           "cosine_with_warmup", "all_scenes", "all_captions", "render_scenes", "with_variants", "batch_indices",
+           "is_main_process"]
 
 
 OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")
@@ -235,15 +236,32 @@ def all_captions(scene: Any) -> list[str]:
     return [shapes.caption(scene, _Pick(i)) for i in range(len(shapes.WORD_ORDERS))]
 
 
-def render_scenes(scenes: Sequence[Any], size: int = 64, *, progress: bool = False) -> torch.Tensor:
-    """Render ``scenes`` to a uint8 tensor (N, 3, size, size), RGB (divide by 255 for [0, 1])."""
+def with_variants(scenes: Sequence[Any], variants: int) -> tuple[list, list[int | None]]:
+    """Each scene ``variants`` times with variation indices ``0..variants-1`` (scene-major), for
+    :func:`render_scenes`; ``variants=0`` gives each scene once, plain (variation None)."""
+    check_int("variants", variants, low=0, high=1024)
+    if variants == 0:
+        return list(scenes), [None] * len(scenes)
+    return [s for s in scenes for _ in range(variants)], [k for _ in scenes for k in range(variants)]
+
+
+def render_scenes(scenes: Sequence[Any], size: int = 64, *, variants: Sequence[int | None] | None = None,
+                  progress: bool = False) -> torch.Tensor:
+    """Render ``scenes`` to a uint8 tensor (N, 3, size, size), RGB (divide by 255 for [0, 1]).
+
+    ``variants`` (one per scene, see :func:`with_variants`) selects each render's variation
+    (``shapes.render(..., variant=)``); None renders every scene plain."""
     import numpy as np
 
     from .. import shapes
 
+    variants = [None] * len(scenes) if variants is None else list(variants)
+    if len(variants) != len(scenes):
+        raise ValueError(f"variants has {len(variants)} entries for {len(scenes)} scenes")
     out = torch.empty(len(scenes), 3, size, size, dtype=torch.uint8)
-    for i, scene in enumerate(tqdm(scenes, desc=f"render {size}px", disable=not progress)):
-        out[i] = torch.from_numpy(np.array(shapes.render(scene, size))).permute(2, 0, 1)  # (3, H, W)
+    for i, (scene, variant) in enumerate(tqdm(list(zip(scenes, variants)), desc=f"render {size}px",
+                                              disable=not progress)):
+        out[i] = torch.from_numpy(np.array(shapes.render(scene, size, variant=variant))).permute(2, 0, 1)
     return out
 
 

@@ -1,8 +1,12 @@
 """Stage 3: train the generator (:class:`rudalle_pipe.DalleModel`) on captioned, VQGAN-encoded renders.
 
-The dataset is every distinct scene of the ``"train"`` split, each with all its caption word orders
+The dataset is every distinct scene of the ``"train"`` split, rendered in ``variants`` variations
+(``shapes.render(..., variant=k)``: small shifts, scales, rotations and colour shades, so that one
+caption has many pictures and sampled candidates differ), each with all its caption word orders
 (``shapes.WORD_ORDERS``). The renders are encoded once with the trained VQGAN (deterministic argmax)
 and the codes are cached in ``out_dir/codes.pt``; the captions are tokenized with the trained BPE.
+A ``caption_dropout`` fraction of the rows gets the empty text (all pads) instead of its caption, so
+the model also learns the unconditional distribution that classifier-free guidance needs.
 One sequence is ``[text ids (text_seq_length) | image codes (side * side)]`` and the loss is the
 original's weighted cross-entropy ``(L_text + 7 L_image) / 8`` (``model(ids, return_loss=True)``), with
 one addition (``first_code_loss``, on by default): the image term also scores the *first* image code
@@ -23,14 +27,18 @@ from typing import Sequence
 import torch
 
 from .. import files
+from ..checks import check_float, check_int
 from ..dalle import DalleConfig, DalleModel
+from ..generation import empty_text_ids
 from ..tokenizer import YTTMTokenizer, prepare_text
 from ..vae import VQGAN
-from .common import LoopConfig, all_captions, all_scenes, batch_indices, is_main_process, render_scenes, run_training
+from .common import (LoopConfig, all_captions, all_scenes, batch_indices, is_main_process, render_scenes, run_training,
+                     with_variants)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DalleTrainConfig", "train", "encode_dataset", "tokenize_captions", "model_config", "generator_loss"]
+__all__ = ["DalleTrainConfig", "train", "encode_dataset", "tokenize_captions", "model_config", "batch_rows",
+           "generator_loss"]
 
 
 @dataclass(frozen=True)
@@ -43,9 +51,12 @@ class DalleTrainConfig:
     num_attention_heads: int = 6  # heads (head width 32)
     text_seq_length: int = 20  # text positions: BOS + caption tokens + EOS, right-padded
     dropout: float = 0.1  # dropout everywhere (training only)
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=2400, lr=1e-3, weight_decay=0.01,
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=3000, lr=1e-3, weight_decay=0.01,
                                                                 warmup_steps=50, checkpoint_every=100))
     batch_size: int = 32  # (caption, image) pairs per step
+    variants: int = 8  # renders per scene, each a different variation (shapes.render(variant=k)); 0 = plain only
+    caption_dropout: float = 0.15  # fraction of rows trained on the empty text (all pads): the unconditional
+    # model that classifier-free guidance pushes against (generation.empty_text_ids)
     max_scenes: int | None = None  # use only the first N training scenes (tests); None = all
     eval_scenes: int = 64  # held-out scenes whose loss is reported
     seed: int = 0  # initialisation and batch order
@@ -54,6 +65,8 @@ class DalleTrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_int("variants", self.variants, low=0, high=1024)
+        check_float("caption_dropout", self.caption_dropout, low=0, high=1, high_open=True)
 
 
 def model_config(config: DalleTrainConfig, tokenizer: YTTMTokenizer, vae: VQGAN, image_size: int) -> DalleConfig:
@@ -84,10 +97,11 @@ def tokenize_captions(tokenizer: YTTMTokenizer, captions: Sequence[Sequence[str]
                         for variants in captions])
 
 
-def _load_or_encode(path: Path, vae: VQGAN, scenes: list, size: int, progress: bool) -> torch.Tensor:
-    """Codes of ``scenes``' renders, cached in ``path`` (written atomically) under a key of the scene
-    list and the VQGAN's codebook; a stale cache is re-encoded, an unreadable one too, with a warning."""
-    digest = hashlib.sha256(f"{size}:{scenes!r}".encode("utf-8"))
+def _load_or_encode(path: Path, vae: VQGAN, scenes: list, variants: list, size: int, progress: bool) -> torch.Tensor:
+    """Codes of the renders of ``scenes`` (variation ``variants[i]`` of scene i), cached in ``path``
+    (written atomically) under a key of the scene and variation lists and the VQGAN's codebook; a stale
+    cache is re-encoded, an unreadable one too, with a warning."""
+    digest = hashlib.sha256(f"{size}:{scenes!r}:{variants!r}".encode("utf-8"))
     digest.update(vae.quantize.embed.weight.detach().float().cpu().numpy().tobytes())
     key = digest.hexdigest()
     if path.is_file():
@@ -100,11 +114,32 @@ def _load_or_encode(path: Path, vae: VQGAN, scenes: list, size: int, progress: b
             return cached["codes"]
         if cached is not None:
             logger.info("dalle: the codes cache %s is for other scenes or another VQGAN; encoding again", path)
-    codes = encode_dataset(vae, render_scenes(scenes, size, progress=progress))
+    codes = encode_dataset(vae, render_scenes(scenes, size, variants=variants, progress=progress))
     if is_main_process():
         stored = {"key": key, "codes": codes}
         files.atomic_write(path, lambda f: torch.save(stored, f))
     return codes
+
+
+def batch_rows(step: int, *, texts: torch.Tensor, codes: torch.Tensor, config: DalleTrainConfig) -> torch.Tensor:
+    """Training rows ``[B, T + h*w]`` = ``[caption ids | image codes]`` of ``step``, a pure function of
+    ``(step, config.seed)`` so that a resumed run sees the same batches.
+
+    Args:
+        texts: ``[S, V, T]`` caption ids: V word orders of each of S scenes.
+        codes: ``[S * K, h*w]`` codes of K = ``max(config.variants, 1)`` renders per scene, scene-major.
+    Pairs (render, word order) are drawn epoch-wise without replacement; a ``config.caption_dropout``
+    fraction of the rows gets :func:`rudalle_pipe.generation.empty_text_ids` instead of the caption.
+    """
+    per_scene, n_orders = max(config.variants, 1), texts.shape[1]
+    if codes.shape[0] != texts.shape[0] * per_scene:
+        raise ValueError(f"codes has {codes.shape[0]} rows; {texts.shape[0]} scenes x {per_scene} renders expected")
+    pair = batch_indices(step, codes.shape[0] * n_orders, config.batch_size, config.seed)  # (B,)
+    image, order = pair // n_orders, pair % n_orders
+    text = texts[image // per_scene, order]  # (B, T)
+    dropped = torch.rand(len(pair), generator=torch.Generator().manual_seed(config.seed * 1_000_003 + step))
+    text = torch.where((dropped < config.caption_dropout)[:, None], empty_text_ids(texts.shape[2]), text)
+    return torch.cat([text, codes[image].long()], dim=1)  # (B, T + h*w)
 
 
 def generator_loss(model: DalleModel, ids: torch.Tensor, first_code: bool = True) -> torch.Tensor:
@@ -150,7 +185,9 @@ def train(out_dir: str | Path, *, config: DalleTrainConfig = DalleTrainConfig(),
     vae = load_trained(vae_dir)
     size = vae.config.resolution
     scenes = all_scenes("train")[: config.max_scenes]
-    codes = _load_or_encode(out_dir / "codes.pt", vae, scenes, size, progress)  # (S, h*w) int16
+    per_scene = max(config.variants, 1)  # renders per scene
+    codes = _load_or_encode(out_dir / "codes.pt", vae, *with_variants(scenes, config.variants), size,
+                            progress)  # (S * per_scene, h*w) int16, scene-major
     texts = tokenize_captions(tokenizer, [all_captions(s) for s in scenes], config.text_seq_length)  # (S, V, T)
     n_variants = texts.shape[1]
     model_cfg = model_config(config, tokenizer, vae, size)
@@ -160,20 +197,19 @@ def train(out_dir: str | Path, *, config: DalleTrainConfig = DalleTrainConfig(),
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         model = DalleModel(model_cfg)
-    logger.info("dalle: %d scenes x %d captions, %.2fM parameters", len(scenes), n_variants,
-                sum(p.numel() for p in model.parameters()) / 1e6)
+    logger.info("dalle: %d scenes x %d renders x %d captions, caption dropout %.2f, %.2fM parameters", len(scenes),
+                per_scene, n_variants, config.caption_dropout, sum(p.numel() for p in model.parameters()) / 1e6)
 
     def get_batch(step: int) -> torch.Tensor:
-        pair = batch_indices(step, len(scenes) * n_variants, config.batch_size, config.seed)  # (B,)
-        scene, variant = pair // n_variants, pair % n_variants
-        return torch.cat([texts[scene, variant], codes[scene].long()], dim=1)  # (B, T + h*w)
+        return batch_rows(step, texts=texts, codes=codes, config=config)
 
     def loss_fn(m, ids: torch.Tensor) -> torch.Tensor:
         return generator_loss(m, ids.to(next(m.parameters()).device), config.first_code_loss)
 
     model, losses = run_training("dalle", model, loss_fn, get_batch, config.loop, out_dir, progress=progress)
     held_scenes = all_scenes("heldout")[:: max(1, 150 // config.eval_scenes)][: config.eval_scenes]
-    held_codes = encode_dataset(vae, render_scenes(held_scenes, size))
+    held_codes = encode_dataset(vae, render_scenes(held_scenes, size, variants=[0 if config.variants else None]
+                                                    * len(held_scenes)))
     held_text = tokenize_captions(tokenizer, [all_captions(s)[:1] for s in held_scenes], config.text_seq_length)
     train_ids = torch.stack([get_batch(0)[i] for i in range(min(config.batch_size, 64))])
     metrics = {"final_loss": losses[-1] if losses else None,

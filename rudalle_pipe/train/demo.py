@@ -27,7 +27,7 @@ from typing import Any
 from .. import files
 from ..pipeline import BUNDLED_DIR, FORMAT
 from ..vae import VQGANConfig
-from .common import LoopConfig, all_captions, all_scenes, is_main_process, render_scenes
+from .common import LoopConfig, all_captions, all_scenes, is_main_process
 from .dalle import DalleTrainConfig
 from .vqgan import VQGANTrainConfig
 
@@ -58,7 +58,7 @@ QUICK_CONFIG = DemoConfig(
         model=VQGANConfig(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(), z_channels=32,
                           embed_dim=32, n_embed=64, resolution=64),
         loop=LoopConfig(steps=4, lr=2e-3, checkpoint_every=2, log_every=1), batch_size=4, max_images=32,
-        eval_images=8, ae_steps=2, kmeans_images=8, kmeans_iters=2, decoder_steps=2),
+        eval_images=8, ae_steps=2, kmeans_images=8, kmeans_iters=2, decoder_steps=2, variants=0),
     dalle=DalleTrainConfig(num_layers=2, hidden_size=32, num_attention_heads=2, text_seq_length=40,
                            loop=LoopConfig(steps=4, lr=2e-3, checkpoint_every=2, log_every=1), batch_size=4,
                            max_scenes=32, eval_scenes=4),
@@ -100,6 +100,15 @@ def _to_fp16_copy(src: Path, dst: Path) -> None:
             shutil.copy2(path, dst / path.name)
 
 
+def demo_vocabulary() -> list[str]:
+    """Every word of every caption of every scene (both splits: held-out captions reuse the training
+    words), sorted: what the demo generator was trained on, written to ``pipeline.json``."""
+    import re
+
+    words = {w for scene in all_scenes("all") for c in all_captions(scene) for w in re.findall(r"\w+", c)}
+    return sorted(words)
+
+
 def assemble(out_dir: Path, parts: dict[str, Path], name: str = "demo") -> Path:
     """Write ``out_dir`` as a pipeline directory from the stages' final outputs, check its size and
     that :func:`rudalle_pipe.pipeline.load_pipeline` loads it."""
@@ -113,7 +122,7 @@ def assemble(out_dir: Path, parts: dict[str, Path], name: str = "demo") -> Path:
         for key in ("dalle", "vae", "clip", "upscaler"):
             if key in parts:
                 _to_fp16_copy(parts[key], tmp / key)
-        meta = {"format": FORMAT, "version": 1, "name": name}
+        meta = {"format": FORMAT, "version": 1, "name": name, "vocabulary": demo_vocabulary()}
         files.atomic_write(tmp / "pipeline.json", json.dumps(meta, indent=2) + "\n")
     total = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     logger.info("pipeline %s: %.2f MB", out_dir, total / 2**20)
@@ -191,10 +200,7 @@ def train_demo(out_dir: str | Path, *, quick: bool = False, progress: bool = Tru
         timed("tokenizer", bpe.train_bpe, texts, config.bpe_vocab_size, bpe_path)
     parts["tokenizer"] = bpe_path
     # 2. VQGAN, 3. generator
-    size = config.vqgan.model.resolution
-    parts["vae"] = timed("vqgan", vqgan.train, out_dir / "vqgan", config=config.vqgan, progress=progress,
-                         images=None if (out_dir / "vqgan" / "final").is_dir()
-                         else render_scenes(all_scenes("train"), size, progress=progress))
+    parts["vae"] = timed("vqgan", vqgan.train, out_dir / "vqgan", config=config.vqgan, progress=progress)
     parts["dalle"] = timed("dalle", dalle.train, out_dir / "dalle", config=config.dalle, progress=progress,
                            tokenizer_path=bpe_path, vae_dir=parts["vae"])
     # 4. CLIP reranker, 5. x4 upscaler (written by their own modules; skipped while missing)

@@ -84,7 +84,8 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def make_pool(num_scenes: int, *, split: str = "train", seed: int = 0) -> dict[str, torch.Tensor]:
-    """Renders of ``num_scenes`` random scenes of ``split``.
+    """Renders of ``num_scenes`` random scenes of ``split``, each in a random variation
+    (``shapes.render(..., variant=)``, the same at both sizes).
 
     Returns:
         ``lr`` uint8 ``[N, 3, 64, 64]`` and ``hr`` uint8 ``[N, 3, 256, 256]`` (RGB), and ``edges``
@@ -92,8 +93,9 @@ def make_pool(num_scenes: int, *, split: str = "train", seed: int = 0) -> dict[s
     """
     rng = random.Random(seed)
     scenes = [shapes.sample_scene(rng, split) for _ in range(num_scenes)]
-    lr = torch.stack([_to_tensor(shapes.render(s, _LR)) for s in scenes])  # (N, 3, 64, 64)
-    hr = torch.stack([_to_tensor(shapes.render(s, _HR)) for s in scenes])  # (N, 3, 256, 256)
+    variants = [rng.randrange(2**31) for _ in scenes]
+    lr = torch.stack([_to_tensor(shapes.render(s, _LR, variant=v)) for s, v in zip(scenes, variants)])  # (N, 3, 64, 64)
+    hr = torch.stack([_to_tensor(shapes.render(s, _HR, variant=v)) for s, v in zip(scenes, variants)])  # (N, 3, 256, 256)
     x = lr.float()
     edge = (x[..., 1:, :] - x[..., :-1, :]).abs().amax(1)[:, :, :-1] \
         + (x[..., :, 1:] - x[..., :, :-1]).abs().amax(1)[:, :-1, :]  # (N, 63, 63)

@@ -43,7 +43,8 @@ from torch import nn
 from .. import files
 from ..hub import load_pretrained, save_pretrained
 from ..vae import VQGAN, VQGANConfig
-from .common import LoopConfig, all_scenes, batch_indices, is_main_process, render_scenes, run_training
+from .common import (LoopConfig, all_scenes, batch_indices, is_main_process, render_scenes, run_training,
+                     with_variants)
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class VQGANTrainConfig:
     restart_every: int = 20  # steps between dead-code restarts
     restart_until: float = 0.8  # fraction of the steps after which codes are no longer restarted
     usage_decay: float = 0.95  # per-step decay of the moving average of code assignments
+    variants: int = 4  # renders per training scene, each a different variation (shapes.render(variant=k))
     max_images: int | None = None  # use only the first N training renders (tests); None = all
     eval_images: int = 150  # held-out renders for the PSNR report
     seed: int = 0  # model initialisation, batch order and restarts
@@ -281,8 +283,8 @@ def train(out_dir: str | Path, *, config: VQGANTrainConfig = VQGANTrainConfig(),
     """Train the VQGAN and save it to ``out_dir/final`` (``hub.save_pretrained``, model_type ``"vqgan"``).
 
     Args:
-        images: uint8 (N, 3, H, W) training renders; default: every scene of the ``"train"`` split at
-            the model's resolution.
+        images: uint8 (N, 3, H, W) training renders; default: ``config.variants`` variations of every
+            scene of the ``"train"`` split at the model's resolution.
         eval_images: uint8 held-out renders for the PSNR report; default: ``"heldout"`` scenes.
     Returns:
         The directory of the saved model. Metrics go to ``out_dir/metrics.json``.
@@ -294,7 +296,8 @@ def train(out_dir: str | Path, *, config: VQGANTrainConfig = VQGANTrainConfig(),
         return final
     size = config.model.resolution
     if images is None:
-        images = render_scenes(all_scenes("train"), size, progress=progress)
+        scenes, variants = with_variants(all_scenes("train"), config.variants)
+        images = render_scenes(scenes, size, variants=variants, progress=progress)
     if config.max_images is not None:
         images = images[: config.max_images]
     with torch.random.fork_rng():
@@ -319,7 +322,8 @@ def train(out_dir: str | Path, *, config: VQGANTrainConfig = VQGANTrainConfig(),
     if config.decoder_steps:
         vae = refine_decoder(vae, images, config, out_dir / "decoder", progress)
     if eval_images is None:
-        eval_images = render_scenes(all_scenes("heldout")[: config.eval_images], size)
+        held = all_scenes("heldout")[: config.eval_images]
+        eval_images = render_scenes(held, size, variants=[0 if config.variants else None] * len(held))
     psnr, used = reconstruction_psnr(vae, eval_images)
     train_psnr, train_used = reconstruction_psnr(vae, images[: len(eval_images)])
     metrics = {"heldout_psnr_db": psnr, "heldout_codes_used": used, "train_psnr_db": train_psnr,

@@ -1,0 +1,75 @@
+"""Run the README's first command as a newcomer would and rebuild its picture, ``docs/demo_first_command.png``.
+
+Rerun with::
+
+    python benchmarks/first_command.py            # prints what the detector reads in the 4 best images
+    python benchmarks/first_command.py --write    # also replaces docs/demo_first_command.png (atomically)
+
+The command is read from the README's first ``bash`` block (``rudalle-pipe generate "..." [flags]``) and run
+through ``python -m rudalle_pipe`` in a temporary folder that is removed afterwards. The picture is the
+command's best 4 images (``image_000.png`` ... ``image_003.png``), side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from rudalle_pipe import shapes
+from rudalle_pipe.files import atomic_write
+from rudalle_pipe.show import image_grid
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def first_command() -> list[str]:
+    """The arguments after ``rudalle-pipe`` in the README's first bash block."""
+    block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
+    if block is None:
+        raise SystemExit("README.md has no ```bash block")
+    line = next(part for part in block.group(1).split("&&") if "rudalle-pipe" in part)
+    return shlex.split(line.split("rudalle-pipe", 1)[1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="replace docs/demo_first_command.png")
+    args = parser.parse_args()
+    argv = first_command()
+    with tempfile.TemporaryDirectory(prefix="rudalle_first_") as tmp:
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "rudalle_pipe", *argv, "--out", str(Path(tmp) / "out"),
+                               "--no-progress"], capture_output=True, text=True, cwd=tmp)
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"the command failed ({done.returncode}): {done.stderr.strip()}")
+        out = Path(tmp) / "out"
+        record = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        best = [Image.open(out / f"image_{i:03d}.png").convert("RGB") for i in range(4)]
+    text = next(a for a in argv if not a.startswith("-") and a != "generate")
+    target = shapes.parse_caption(text)
+    print(f"rudalle-pipe {shlex.join(argv)}: {seconds:.1f} s (with model loading), "
+          f"{len(record.get('images', []))} images written")
+    for i, image in enumerate(best):
+        found = shapes.detect(image)
+        print(f"  image_{i:03d}.png {image.size[0]}x{image.size[1]}: detector reads {found.to_scene() if found.shape else found}"
+              f" -> {'right' if all(shapes.attribute_matches(found, target).values()) else 'WRONG'}")
+    if args.write:
+        buffer = io.BytesIO()
+        image_grid(best, nrow=4).save(buffer, format="PNG", optimize=True)
+        atomic_write(ROOT / "docs" / "demo_first_command.png", buffer.getvalue())
+        print("wrote docs/demo_first_command.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
