@@ -17,6 +17,8 @@ from .clip import ClipBundle, RerankOutput, cherry_pick_by_clip, get_clip
 from .dalle import DalleConfig, DalleModel, DalleOutput, KVCache
 from .emoji import convert_emoji_to_rgba
 from .generation import GenerationOutput, filter_logits, generate_images
+from .previews import GenerationCancelled, preview_images
+from .sampling import empty_text_ids
 from .hub import WeightsNotFoundError
 from .image_prompts import ImagePrompt
 from .inpaint import OutpaintOutput, outpaint, paste_back
@@ -55,6 +57,9 @@ __all__ = [
     "DalleModel",
     "DalleOutput",
     "GenerationOutput",
+    "GenerationCancelled",
+    "preview_images",
+    "empty_text_ids",
     "ImagePrompt",
     "OutpaintOutput",
     "outpaint",

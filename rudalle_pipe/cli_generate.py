@@ -4,6 +4,8 @@
   prompt ``i`` gets seed ``S + i * num_images + j`` (the library's rule). Each prompt's candidates are
   reranked among themselves and its best ``--rerank`` are kept. With one TEXT the files are
   ``image_000.png, ...``; with several, ``prompt00_image_000.png, ...`` (prompt index, then rank).
+* Guidance: ``--guidance-scale S`` (1 = none) and ``--negative-prompt TEXT`` (only with S != 1) are
+  passed to :func:`rudalle_pipe.generate_images`, which documents them.
 * Ranking (``--rank-by``): ``clip`` (CLIP cosine similarity; the default when the pipeline has a CLIP),
   ``perplexity`` (the generator's own perplexity, ascending, as the original ruDALL-E ranked; the
   default without a CLIP: it needs none) or ``combined`` (``--rank-weight`` is CLIP's share, see
@@ -62,6 +64,25 @@ def _check_rank_args(args: argparse.Namespace, source) -> None:
             raise UsageError(_one_line(err)) from err
 
 
+def _check_guidance_args(args: argparse.Namespace) -> None:
+    """--guidance-scale in (0, MAX_GUIDANCE]; --negative-prompt: UTF-8, not blank, only with guidance."""
+    from .checks import check_float
+    from .cli import UsageError, _check_text, _one_line
+    from .generation import MAX_GUIDANCE
+
+    try:
+        check_float("--guidance-scale", args.guidance_scale, low=0, high=MAX_GUIDANCE, low_open=True)
+    except (TypeError, ValueError) as err:
+        raise UsageError(_one_line(err)) from err
+    if args.negative_prompt is not None:
+        _check_text("--negative-prompt", args.negative_prompt)
+        if args.guidance_scale == 1.0:
+            raise UsageError("--negative-prompt has no effect without guidance (--guidance-scale 1); pass "
+                             "--guidance-scale S with S != 1, e.g. 3")
+        if not args.negative_prompt.strip():
+            raise UsageError("--negative-prompt is blank; leave it out to guide against the empty text")
+
+
 def _check_generate_args(args: argparse.Namespace):
     """Validate everything that needs no weights; return the model source and the image file names."""
     from .checks import MAX_IMAGES, check_int
@@ -95,6 +116,7 @@ def _check_generate_args(args: argparse.Namespace):
     except (TypeError, ValueError) as err:
         raise UsageError(_one_line(err)) from err
     _check_rank_args(args, source)
+    _check_guidance_args(args)
     scales = source.upscale_scales
     if args.upscale is None:  # default: the pipeline's own upscaler (x4 for Hub models)
         args.upscale = "x4" if scales is None else (f"x{scales[0]}" if scales else "none")
@@ -137,17 +159,13 @@ def _generate(args: argparse.Namespace, pipe, prompt, progress: bool):
     from .generation import generate_images
 
     n = args.num_images
-    images, perplexities, seeds, prompt_index = [], [], [], []
-    for i, text in enumerate(args.text):
-        gen = generate_images(text, pipe.tokenizer, pipe.dalle, pipe.vae, top_k=args.top_k, top_p=args.top_p,
-                              num_images=n, temperature=args.temperature, batch_size=args.batch_size,
-                              seed=None if args.seed is None else args.seed + i * n, progress=progress,
-                              image_prompt=prompt)
-        images += gen.images
-        perplexities += gen.perplexities
-        seeds += gen.seeds
-        prompt_index += [i] * n
-    return images, perplexities, seeds, prompt_index
+    text = args.text[0] if len(args.text) == 1 else list(args.text)  # rows of all prompts share batches
+    gen = generate_images(text, pipe.tokenizer, pipe.dalle, pipe.vae, top_k=args.top_k, top_p=args.top_p,
+                          num_images=n, temperature=args.temperature, batch_size=args.batch_size, seed=args.seed,
+                          progress=progress, image_prompt=prompt, guidance_scale=args.guidance_scale,
+                          negative_prompt=args.negative_prompt)
+    prompt_index = [i for i in range(len(args.text)) for _ in range(n)]  # prompt 0's images first
+    return gen.images, gen.perplexities, gen.seeds, prompt_index
 
 
 def _rank(args: argparse.Namespace, pipe, candidates, perplexities, progress: bool) -> tuple[list[int], dict]:
@@ -255,6 +273,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "model_kind": source.kind,
             "settings": {"top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature,
                          "num_images": args.num_images, "seed": args.seed, "batch_size": args.batch_size,
+                         "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt,
                          "rerank": args.rerank, "rank_by": args.rank_by, "rank_weight": args.rank_weight,
                          "upscale": args.upscale, "device": args.device, "dtype": args.dtype},
             "images": [{"file": name, **candidate(i), "prompt": args.text[prompt_index[i]], "size": list(image.size)}
@@ -308,6 +327,11 @@ def add_generate(subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, metavar="S",
                    help="candidate j of prompt i uses seed S + i*N + j (default: random seeds, written to "
                         "results.json)")
+    p.add_argument("--guidance-scale", type=float, default=1.0, metavar="S",
+                   help="classifier-free guidance scale in (0, 50]: 1 = none (default); 2-5 follow the prompt "
+                        "more strictly, at about twice the compute per image")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="with --guidance-scale != 1: guide away from TEXT instead of the empty text")
     p.add_argument("--rerank", type=int, default=None, metavar="N",
                    help="keep the N best candidates of each prompt (see --rank-by); 0 keeps all in generation "
                         "order (default: sort all candidates)")

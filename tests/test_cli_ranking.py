@@ -174,3 +174,43 @@ def test_non_finite_perplexity_cannot_rank_by_perplexity(pipe_dir, tmp_path, cap
     cands = results_of(out)["candidates"]
     assert cands[1]["perplexity"] is None and all(c["combined"] is None for c in cands)
     assert sorted(c["rank"] for c in cands) == [1, 2]
+
+
+def test_guidance_flags_reach_generate_images(pipe_dir, library, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, stderr = run(capsys, "generate", TEXT, "--model", pipe_dir, "--num-images", 2, "--seed", 3,
+                          "--guidance-scale", 3, "--negative-prompt", OTHER, "--rerank", 0, "--out", out,
+                          "--no-progress")
+    assert code == 0, stderr
+    results = results_of(out)
+    assert results["settings"]["guidance_scale"] == 3.0 and results["settings"]["negative_prompt"] == OTHER
+    guided = generation.generate_images(TEXT, library.tokenizer, library.dalle, library.vae, top_k=50, top_p=0.995,
+                                        num_images=2, seed=3, progress=False, guidance_scale=3.0,
+                                        negative_prompt=OTHER)
+    plain = generate(library, TEXT, 3, 2)
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(guided.images, plain.images))
+    assert [c["perplexity"] for c in results["candidates"]] == pytest.approx(guided.perplexities, rel=1e-6)
+    for im in results["images"]:
+        with Image.open(out / im["file"]) as saved:
+            assert np.array_equal(np.asarray(saved), np.asarray(guided.images[im["index"]]))
+    code, _, stderr = run(capsys, "generate", TEXT, "--model", pipe_dir, "--num-images", 2, "--seed", 3,
+                          "--rerank", 0, "--out", tmp_path / "plain", "--no-progress")
+    assert code == 0, stderr
+    settings = results_of(tmp_path / "plain")["settings"]
+    assert settings["guidance_scale"] == 1.0 and settings["negative_prompt"] is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--negative-prompt", OTHER], "--negative-prompt has no effect without guidance (--guidance-scale 1)"),
+    (["--guidance-scale", "2", "--negative-prompt", "  "], "--negative-prompt is blank"),
+    (["--guidance-scale", "0"], "--guidance-scale must be a finite number in (0, "),
+    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number in (0, "),
+    (["--guidance-scale", "1e9"], "--guidance-scale must be a finite number in (0, "),
+    (["--guidance-scale", "x"], "argument --guidance-scale: invalid float value: 'x'"),
+])
+def test_guidance_usage_errors(pipe_dir, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, "generate", TEXT, "--model", pipe_dir, "--out", out, *extra)
+    assert code == EXIT_USAGE and stderr.count("\n") == 1 and message in stderr, stderr
+    assert stdout == "" and not out.exists()

@@ -9,6 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import rudalle_pipe.generation as generation
+import rudalle_pipe.sampling as sampling
 from rudalle_pipe import ImagePrompt, generate_images, get_rudalle_model
 from rudalle_pipe.images import images_to_tensor, prepare_image
 from rudalle_pipe.tokenizer import YTTMTokenizer
@@ -197,13 +198,13 @@ def test_kept_positions_draw_no_randomness(tiny, tokenizer, monkeypatch):
     dalle, vae = tiny
     prompt = _prompt(keep_rows=2)
     calls = []
-    real_draw = generation._draw
+    real_draw = sampling._draw
 
     def counting_draw(logits, generators, **filters):
         calls.append(len(generators))
         return real_draw(logits, generators, **filters)
 
-    monkeypatch.setattr(generation, "_draw", counting_draw)
+    monkeypatch.setattr(sampling, "_draw", counting_draw)
     generate_images("кот", tokenizer, dalle, vae, top_k=20, top_p=0.95, num_images=2, seed=0, batch_size=2,
                     image_prompt=prompt, progress=False)
     assert len(calls) == N - prompt.num_kept and set(calls) == {2}

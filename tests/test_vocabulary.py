@@ -114,6 +114,11 @@ def test_generate_images_warns_naming_unknown_words_and_prompt(vocab_dir, caplog
     with caplog.at_level(logging.WARNING, logger="rudalle_pipe"):
         generate_images("красный квадрат слева", pipe.tokenizer, pipe.dalle, pipe.vae, **args)
     assert caplog.records == []
+    with caplog.at_level(logging.WARNING, logger="rudalle_pipe"):  # a prompt list: one line per prompt that needs it
+        generate_images(["синий круг", "красный квадрат", "круг слева"], pipe.tokenizer, pipe.dalle, pipe.vae, **args)
+    assert [r.getMessage() for r in caplog.records] == [
+        "prompt 'синий круг' has words the generator was not trained on: синий, круг",
+        "prompt 'круг слева' has words the generator was not trained on: круг"]
 
 
 def test_cli_prints_the_warning_as_one_line(vocab_dir, tmp_path, capsys):
