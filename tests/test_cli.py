@@ -58,7 +58,8 @@ def test_generate_end_to_end(pipe_dir, tmp_path, capsys):
     assert TEXT in (out / "results.json").read_text("utf-8")  # ensure_ascii=False: readable Russian
     assert results["text"] == TEXT and results["model"] == str(pipe_dir) and results["model_kind"] == "directory"
     assert results["settings"] == {"top_k": 50, "top_p": 0.995, "temperature": 1.0, "num_images": 3, "seed": 1,
-                                   "batch_size": 8, "rerank": 2, "rank_by": "clip", "rank_weight": None,
+                                   "batch_size": 8, "guidance_scale": 1.0, "negative_prompt": None,
+                                   "rerank": 2, "rank_by": "clip", "rank_weight": None,
                                    "upscale": "x4", "device": "cpu", "dtype": "float32"}
     assert results["prompts"] == [TEXT]
     assert set(results["timings_s"]) == {"load", "generate", "rerank", "upscale", "save", "total"}
