@@ -51,11 +51,11 @@ class DalleTrainConfig:
     num_attention_heads: int = 6  # heads (head width 32)
     text_seq_length: int = 20  # text positions: BOS + caption tokens + EOS, right-padded
     dropout: float = 0.1  # dropout everywhere (training only)
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=3000, lr=1e-3, weight_decay=0.01,
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(steps=5000, lr=1e-3, weight_decay=0.01,
                                                                 warmup_steps=50, checkpoint_every=100))
     batch_size: int = 32  # (caption, image) pairs per step
     variants: int = 8  # renders per scene, each a different variation (shapes.render(variant=k)); 0 = plain only
-    caption_dropout: float = 0.15  # fraction of rows trained on the empty text (all pads): the unconditional
+    caption_dropout: float = 0.1  # fraction of rows trained on the empty text (all pads): the unconditional
     # model that classifier-free guidance pushes against (generation.empty_text_ids)
     max_scenes: int | None = None  # use only the first N training scenes (tests); None = all
     eval_scenes: int = 64  # held-out scenes whose loss is reported
