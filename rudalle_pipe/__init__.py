@@ -24,6 +24,7 @@ from .image_prompts import ImagePrompt
 from .inpaint import OutpaintOutput, outpaint, paste_back
 from .loader import get_rudalle_model, get_tokenizer, get_vae
 from .masks import build_masks, col_mask, conv_mask, row_mask
+from .ranking import rerank
 from .pipeline import Pipeline, list_pipelines, load_pipeline, save_pipeline
 from .realesrgan import RRDBNet, RRDBNetConfig, get_realesrgan, super_resolution
 from .registry import list_pretrained
@@ -41,6 +42,7 @@ __all__ = [
     "RRDBNetConfig",
     "RerankOutput",
     "cherry_pick_by_clip",
+    "rerank",
     "convert_emoji_to_rgba",
     "get_clip",
     "get_realesrgan",

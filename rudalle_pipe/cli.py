@@ -2,8 +2,9 @@
 
 Verbs:
 
-* ``rudalle-pipe generate "TEXT" [options]`` runs the whole chain (load -> generate ->
-  CLIP rerank -> Real-ESRGAN upscale) and writes PNGs, a contact sheet and ``results.json``.
+* ``rudalle-pipe generate "TEXT" ["TEXT" ...] [options]`` runs the whole chain (load -> generate ->
+  rerank by CLIP, perplexity or both -> Real-ESRGAN upscale) and writes PNGs, a contact sheet and
+  ``results.json`` (:mod:`rudalle_pipe.cli_generate`).
   With ``--image-prompt IMG --borders SPEC|--mask MASK`` it keeps parts of a picture (see
   :mod:`rudalle_pipe.cli_image_prompt`); ``--paste-back`` restores the kept pixels in each decoded
   candidate before reranking, upscaling and the contact sheet.
@@ -27,19 +28,15 @@ Adding a verb: write ``_add_<verb>(subparsers, common)`` that builds its subpars
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import sys
-import time
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .checks import one_line as _one_line  # light: the command line imports torch lazily
 from .cli_finetune import add_finetune
-from .cli_image_prompt import add_image_prompt_args
+from .cli_generate import add_generate, cmd_generate  # noqa: F401 (old import path)
 from .cli_outpaint import add_outpaint
 
 logger = logging.getLogger(__name__)
@@ -153,213 +150,6 @@ def _check_text(flag: str, value: str) -> None:
         raise UsageError(f"{flag} is not valid UTF-8 ({what} at character {err.start}); pass UTF-8 text") from None
 
 
-def _check_generate_args(args: argparse.Namespace) -> tuple[_Source, list[str]]:
-    """Validate everything that needs no weights; return the model source and the image file names."""
-    from .generation import check_sampling_args
-    from .outputs import image_name
-
-    _check_text("TEXT", args.text)
-    if not args.text.strip():
-        raise UsageError("TEXT is empty; give a prompt, e.g. rudalle-pipe generate 'рыжий котик'")
-    if args.model is not None:
-        _check_text("--model", args.model)  # recorded in results.json
-    source = _resolve_model(args.model or default_model())
-    if args.top_k is None:
-        args.top_k = min(DEFAULT_TOP_K, source.image_vocab)
-    try:  # counts are bounded (checks.MAX_IMAGES), floats finite
-        check_sampling_args(top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-                            vocab=source.image_vocab, num_images=args.num_images, batch_size=args.batch_size,
-                            seed=args.seed, names=FLAGS)
-    except (TypeError, ValueError) as err:
-        raise UsageError(_one_line(err)) from err
-    if args.rerank is not None and not 0 <= args.rerank <= args.num_images:
-        raise UsageError(f"--rerank must be in [0, --num-images={args.num_images}] (0 disables reranking), "
-                         f"got {args.rerank}")
-    if args.rerank and not source.has_clip:
-        raise UsageError(f"--rerank {args.rerank}: pipeline {source.name!r} has no CLIP reranker; "
-                         f"use --rerank 0")
-    if args.rerank is None:  # default: sort all candidates when a reranker exists
-        args.rerank = args.num_images if source.has_clip else 0
-    scales = source.upscale_scales
-    if args.upscale is None:  # default: the pipeline's own upscaler (x4 for Hub models)
-        args.upscale = "x4" if scales is None else (f"x{scales[0]}" if scales else "none")
-    elif args.upscale != "none" and scales is not None and int(args.upscale[1:]) not in scales:
-        available = ", ".join([f"x{s}" for s in scales] + ["none"])
-        raise UsageError(f"--upscale {args.upscale}: pipeline {source.name!r} has no such upscaler; "
-                         f"available: {available}")
-    args.device = _resolve_device(args.device)
-    return source, [image_name(i) for i in range(args.rerank or args.num_images)]
-
-
-def _check_out(args: argparse.Namespace, source: _Source, names: list[str]) -> frozenset[str]:
-    """Before loading any model: no file would be replaced that may not be, and ``--out`` is (or can
-    become) a writable folder with room for the run. Returns the previous run's files (see outputs)."""
-    from .files import check_writable_dir
-    from .outputs import check_targets, estimate_bytes
-
-    out = Path(args.out)
-    previous = check_targets(out, names, overwrite=args.overwrite)
-    scale = 1 if args.upscale == "none" else int(args.upscale[1:])
-    needed = estimate_bytes(num_images=args.num_images, kept=len(names), side=source.image_side, scale=scale,
-                            text=args.text)
-    check_writable_dir(out, needed_bytes=needed, what="--out")
-    return previous
-
-
-def _finite_or_none(value: Optional[float], what: str) -> Optional[float]:
-    """JSON has no NaN/inf: such a number is written as null, with a warning."""
-    if value is None or math.isfinite(value):
-        return value
-    logger.warning("%s is %s; written as null in results.json", what, value)
-    return None
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    """``rudalle-pipe generate``: the whole chain, written into ``--out``."""
-    import torch
-
-    from .cli_image_prompt import apply_paste_back, build_prompt, check_image_prompt_args, prompt_record
-    from .clip import cherry_pick_by_clip
-    from .generation import generate_images
-    from .hub import WeightsNotFoundError
-    from .outputs import CONTACT_SHEET, RESULTS, png_bytes, sheet_columns, write_run
-    from .pipeline import load_pipeline
-    from .realesrgan import super_resolution
-    from .show import image_grid
-
-    source, names = _check_generate_args(args)
-    spec = check_image_prompt_args(args, source)
-    previous = _check_out(args, source, names)
-    out = Path(args.out)
-    progress = not args.no_progress
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-
-    # 1. load the models (only the stages that will run)
-    tick = time.perf_counter()
-    upscaler = False if args.upscale == "none" else (args.upscale if source.kind == "hub" else True)
-    try:
-        pipe = load_pipeline(source.name, device=args.device, dtype=getattr(torch, args.dtype),
-                             cache_dir=args.cache_dir, clip=args.rerank > 0, upscaler=upscaler)
-    except WeightsNotFoundError as err:
-        raise WeightsNotFoundError(f"{err} (`{PROG} models` shows what is cached; --rerank 0 and "
-                                   f"--upscale none skip the CLIP and the upscaler)") from err
-    timings["load"] = time.perf_counter() - tick
-    logger.info("loaded %s on %s in %.1f s", source.name, args.device, timings["load"])
-
-    # 2. sample the candidates (with --paste-back, the kept pixels go back in BEFORE rerank and upscale)
-    tick = time.perf_counter()
-    prompt = None if spec is None else build_prompt(spec, pipe.vae)
-    gen = generate_images(args.text, pipe.tokenizer, pipe.dalle, pipe.vae, top_k=args.top_k, top_p=args.top_p,
-                          num_images=args.num_images, temperature=args.temperature, batch_size=args.batch_size,
-                          seed=args.seed, progress=progress, image_prompt=prompt)
-    candidates = gen.images if spec is None else apply_paste_back(gen.images, spec, prompt)
-    timings["generate"] = time.perf_counter() - tick
-    perplexities = [_finite_or_none(p, f"the perplexity of candidate {i}") for i, p in enumerate(gen.perplexities)]
-
-    # 3. rerank with CLIP and keep the best --rerank (or keep all, in generation order)
-    tick = time.perf_counter()
-    scores: list[Optional[float]] = [None] * args.num_images
-    order = list(range(args.num_images))
-    if args.rerank:
-        ranked = cherry_pick_by_clip(candidates, args.text, pipe.clip, batch_size=args.batch_size,
-                                     progress=progress)  # all candidates: dropped ones get a score too
-        order = ranked.indices[: args.rerank]
-        for i, score in zip(ranked.indices, ranked.scores):
-            scores[i] = _finite_or_none(score, f"the CLIP score of candidate {i}")
-    timings["rerank"] = time.perf_counter() - tick
-
-    # 4. upscale the kept images
-    tick = time.perf_counter()
-    kept = [candidates[i] for i in order]
-    if args.upscale != "none":
-        if pipe.upscaler is None or pipe.upscaler.scale != int(args.upscale[1:]):
-            raise RuntimeError(f"pipeline {source.name!r} did not provide an {args.upscale} upscaler")
-        kept = super_resolution(kept, pipe.upscaler, progress=progress)
-    timings["upscale"] = time.perf_counter() - tick
-
-    # 5. images, contact sheet, then results.json (the completion record): each written under a
-    #    temporary name, then all renamed into place; a failure leaves no file of this run (see outputs)
-    tick = time.perf_counter()
-    nrow = sheet_columns(args.num_images)
-
-    def record() -> bytes:
-        timings["save"] = time.perf_counter() - tick
-        timings["total"] = time.perf_counter() - start
-        results = {
-            "text": args.text,
-            "model": source.name,
-            "model_kind": source.kind,
-            "settings": {"top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature,
-                         "num_images": args.num_images, "seed": args.seed, "batch_size": args.batch_size,
-                         "rerank": args.rerank, "upscale": args.upscale, "device": args.device,
-                         "dtype": args.dtype},
-            "images": [{"file": name, "seed": gen.seeds[i], "perplexity": perplexities[i], "clip_score": scores[i],
-                        "index": i, "size": list(image.size)} for name, i, image in zip(names, order, kept)],
-            "candidates": [{"index": i, "seed": gen.seeds[i], "perplexity": perplexities[i],
-                            "clip_score": scores[i]} for i in range(args.num_images)],
-            "contact_sheet": {"file": CONTACT_SHEET, "nrow": nrow, "order": "candidate index"},
-            **({} if spec is None else {"image_prompt": prompt_record(spec, prompt)}),
-            "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        }
-        return (json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
-
-    outputs = [(name, lambda image=image: png_bytes(image)) for name, image in zip(names, kept)]
-    outputs += [(CONTACT_SHEET, lambda: png_bytes(image_grid(candidates, nrow=nrow))), (RESULTS, record)]
-    write_run(out, outputs, previous)
-    plural = "s" if len(kept) != 1 else ""
-    sys.stdout.write(f"wrote {len(kept)} image{plural}, {CONTACT_SHEET} and {RESULTS} to {out}\n")
-    return EXIT_OK
-
-
-def _add_generate(subparsers, common: argparse.ArgumentParser) -> None:
-    from .checks import MAX_IMAGES
-
-    p = subparsers.add_parser(
-        "generate", parents=[common], help="text -> images: generate, rerank, upscale, save",
-        description="Generate images for TEXT with the whole chain: load -> generate -> CLIP rerank -> "
-                    "Real-ESRGAN upscale, and write PNGs (best first), contact_sheet.png (all candidates) "
-                    "and results.json into --out. Every argument, the folder and its free space are checked "
-                    "before any model loads. results.json is written last and lists the run's files; a failed "
-                    "or interrupted run leaves none of its files behind.",
-        epilog="Exit status: 0 ok, 1 runtime failure (missing weights, existing files, --out not writable or "
-               "too full, ...), 2 bad command line, 130 interrupted.")
-    p.add_argument("text", metavar="TEXT", help="the prompt (Russian for the ruDALL-E models)")
-    p.add_argument("--model", default=None,
-                   help="a bundled pipeline, a Hub generator (see `rudalle-pipe models`) or a pipeline "
-                        "directory; default: demo if bundled, else Malevich")
-    p.add_argument("--num-images", type=int, default=4, metavar="N",
-                   help=f"candidates to generate, in [1, {MAX_IMAGES}] (default: 4)")
-    p.add_argument("--top-k", type=int, default=None, metavar="K",
-                   help=f"keep the K most likely codes (default: {DEFAULT_TOP_K}, or the model's image vocabulary "
-                        "if smaller)")
-    p.add_argument("--top-p", type=float, default=0.995, metavar="P",
-                   help="nucleus threshold in (0, 1] (default: 0.995)")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="finite, > 0 (default: 1.0)")
-    p.add_argument("--seed", type=int, default=None, metavar="S",
-                   help="candidate i uses seed S+i (default: random seeds, written to results.json)")
-    p.add_argument("--rerank", type=int, default=None, metavar="N",
-                   help="keep the N best candidates by CLIP score; 0 disables reranking (default: sort all "
-                        "candidates when the pipeline has a CLIP)")
-    p.add_argument("--upscale", choices=UPSCALE_CHOICES, default=None,
-                   help="Real-ESRGAN factor for the kept images (default: the pipeline's upscaler, x4 for Hub "
-                        "models; none if it has none)")
-    p.add_argument("--out", default="rudalle_out", metavar="DIR", help="output directory (default: ./rudalle_out)")
-    p.add_argument("--device", default=None, metavar="D",
-                   help="cpu, cuda, cuda:N or mps, as available here (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="generator precision (default: float32)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B",
-                   help=f"images per forward pass, in [1, {MAX_IMAGES}] (default: 8)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the previous run in --out: the files its results.json lists are replaced or "
-                        "removed (stale images of a larger run too); any other file is never touched, and a file "
-                        "with a name this run writes that no results.json lists is refused")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.add_argument("--cache-dir", default=None, metavar="DIR", help="Hugging Face cache (default: the HF default)")
-    add_image_prompt_args(p)
-    p.set_defaults(func=cmd_generate)
-
-
 # ------------------------------------------------------------------------------------- models
 def _cached(repo_ids: Sequence[str], filename: str, cache_dir: Optional[str]) -> bool:
     from huggingface_hub import try_to_load_from_cache
@@ -426,7 +216,7 @@ def _add_models(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------------------- main
-VERBS: list[Callable[..., None]] = [_add_generate, add_outpaint, add_finetune, _add_models]
+VERBS: list[Callable[..., None]] = [add_generate, add_outpaint, add_finetune, _add_models]
 
 
 def build_parser() -> argparse.ArgumentParser:

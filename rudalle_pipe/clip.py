@@ -8,7 +8,8 @@ The original ruDALL-E ranked its candidates with ruCLIP. This module does the sa
   name or a ``local-dir:/path`` folder. Every download goes through huggingface_hub and honours
   ``cache_dir`` and ``HF_HUB_OFFLINE``.
 * :func:`cherry_pick_by_clip` scores PIL images against a text by cosine similarity and returns
-  them best first.
+  them best first (it and :class:`RerankOutput` live in :mod:`rudalle_pipe.ranking`, which also ranks
+  by perplexity; they are re-exported here).
 * :class:`YTTMClipTokenizer` lets a CLIP text tower read ruDALL-E's own YouTokenToMe BPE ids (the
   embedded demo CLIP does): a ``local-dir:`` / ``hf-hub:`` folder whose ``open_clip_config.json``
   has a ``"rudalle_pipe": {"tokenizer": "bpe.model", "context_length": N}`` entry gets it instead of
@@ -28,14 +29,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
 from .files import atomic_directory, atomic_write, resolve_inside
 from .hub import (WeightsNotFoundError, check_finite, download, offline_if_unreachable, offline_reason,
                   read_json, snapshot_sandbox)
-from .images import check_images
+from .ranking import RerankOutput, cherry_pick_by_clip  # reranking lives in ranking.py; old import path
 
 logger = logging.getLogger(__name__)
 
@@ -498,120 +497,3 @@ def save_clip(
         save_file(state, str(tmp / "open_clip_model.safetensors"))  # in place, inside the temporary folder
         atomic_write(tmp / "open_clip_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return directory
-
-
-# ---------------------------------------------------------------------------------------------
-# Reranking
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RerankOutput:
-    """Images sorted by CLIP score, best first."""
-
-    images: list[Image.Image]  # the input images, best first
-    scores: list[float]  # cosine similarity to the text, in [-1, 1], same order
-    indices: list[int]  # position of each image in the input list
-
-
-def _check_rerank_inputs(
-    images: Sequence[Image.Image],
-    text: str,
-    clip: ClipBundle,
-    top_n: int | None,
-    batch_size: int,
-    templates: Sequence[str] | None,
-) -> None:
-    """Raise TypeError/ValueError naming the bad argument; return quietly when all are valid."""
-    check_images(images)
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}: {text!r}")
-    if not isinstance(clip, ClipBundle):
-        raise TypeError(f"clip must be a ClipBundle from get_clip(), got {type(clip).__name__}")
-    if top_n is not None:
-        if isinstance(top_n, bool) or not isinstance(top_n, int):
-            raise TypeError(f"top_n must be an int or None, got {type(top_n).__name__}: {top_n!r}")
-        if top_n < 1:
-            raise ValueError(f"top_n must be >= 1 (or None for all images), got {top_n}")
-        if top_n > len(images):
-            raise ValueError(f"top_n={top_n} is larger than the number of images ({len(images)})")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
-        raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}: {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if templates is not None:
-        if isinstance(templates, str) or not isinstance(templates, Sequence):
-            raise TypeError(f"templates must be a list of str, got {type(templates).__name__}")
-        if len(templates) == 0:
-            raise ValueError("templates is empty; pass None to use the text as it is")
-        for i, template in enumerate(templates):
-            if not isinstance(template, str) or "{}" not in template:
-                raise ValueError(f"templates[{i}] = {template!r} must be a str containing '{{}}'")
-
-
-def _text_embedding(text: str, clip: ClipBundle, templates: Sequence[str] | None) -> torch.Tensor:
-    """Unit-norm text embedding, float32 (D,): the renormalized mean over the filled templates."""
-    device = next(clip.model.parameters()).device
-    prompts = [t.replace("{}", text) for t in templates] if templates else [text]
-    tokens = clip.tokenizer(prompts).to(device)  # (T, context_length) int64
-    emb = F.normalize(clip.model.encode_text(tokens).float(), dim=-1)  # (T, D)
-    return F.normalize(emb.mean(dim=0), dim=-1)  # (D,)
-
-
-def _image_embeddings(
-    images: Sequence[Image.Image], clip: ClipBundle, batch_size: int, progress: bool
-) -> torch.Tensor:
-    """Unit-norm image embeddings, float32 (N, D), computed ``batch_size`` images at a time."""
-    param = next(clip.model.parameters())
-    chunks = []
-    starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc="CLIP", disable=not progress, leave=False):
-        batch = [clip.preprocess(image) for image in images[start:start + batch_size]]  # each (3, S, S)
-        pixels = torch.stack(batch).to(device=param.device, dtype=param.dtype)  # (B, 3, S, S)
-        chunks.append(F.normalize(clip.model.encode_image(pixels).float(), dim=-1))  # (B, D)
-    return torch.cat(chunks)  # (N, D)
-
-
-def cherry_pick_by_clip(
-    images: Sequence[Image.Image],
-    text: str,
-    clip: ClipBundle,
-    *,
-    top_n: int | None = None,
-    batch_size: int = 16,
-    templates: Sequence[str] | None = None,
-    progress: bool = True,
-) -> RerankOutput:
-    """Rank ``images`` by CLIP cosine similarity to ``text``, best first.
-
-    Args:
-        images: candidate PIL images (any size/mode; ``clip.preprocess`` resizes and converts).
-        text: the prompt, used as is (no lowercasing); Russian works with the default model.
-        clip: a bundle from :func:`get_clip`; runs on the device of its parameters.
-        top_n: keep the best ``top_n`` (1 <= top_n <= len(images)), or None for all. A ``top_n``
-            larger than the number of images is an error, not silently clipped.
-        batch_size: images per forward pass.
-        templates: optional prompt templates such as ``"изображение {}"``; every ``{}`` is
-            replaced by ``text`` and the text embedding is the renormalized mean of the
-            normalized template embeddings (as ruCLIP did).
-        progress: show a tqdm bar over the image batches.
-
-    Returns:
-        :class:`RerankOutput`; ties keep their input order (stable sort).
-    """
-    _check_rerank_inputs(images, text, clip, top_n, batch_size, templates)
-    images = list(images)
-    with torch.inference_mode():
-        text_emb = _text_embedding(text, clip, templates)  # (D,)
-        image_emb = _image_embeddings(images, clip, batch_size, progress)  # (N, D)
-        scores = (image_emb @ text_emb).cpu()  # (N,) cosine similarities
-    if not torch.isfinite(scores).all():
-        raise RuntimeError(f"CLIP produced non-finite scores {scores.tolist()}; check the model weights/dtype")
-    values = scores.tolist()
-    order = sorted(range(len(images)), key=lambda i: -values[i])[:top_n]  # stable: ties keep input order
-    logger.info("CLIP scores for %r: best %.4f, worst %.4f", text, max(values), min(values))
-    return RerankOutput(
-        images=[images[i] for i in order],
-        scores=[values[i] for i in order],
-        indices=order,
-    )

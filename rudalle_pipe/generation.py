@@ -233,6 +233,9 @@ def generate_images(
         if not negative_prompt.strip():
             raise ValueError("negative_prompt is blank; for the empty text (all pads) leave negative_prompt=None")
     forced_codes, forced_mask = check_image_prompt(image_prompt, dalle) if image_prompt is not None else (None, None)
+    for prompt in prompts:  # words outside tokenizer.vocabulary
+        if unknown := getattr(tokenizer, "unknown_words", lambda _: [])(prompt):
+            logger.warning("prompt %r has words the generator was not trained on: %s", prompt, ", ".join(unknown))
     seeds = seeds_for(total, seed, generator)
     encoded = [tokenizer.encode_text(prepare_text(t), cfg.text_seq_length) for t in prompts]
     text_ids = torch.stack(encoded).repeat_interleave(num_images, dim=0)  # (total, T): one text per image

@@ -1,7 +1,8 @@
 """The output folder of ``rudalle-pipe generate``: what a run may replace, how much room it needs,
 and writing its files so that a failed or interrupted run leaves nothing behind.
 
-A run writes ``image_000.png``, ``image_001.png``, ..., ``contact_sheet.png`` and ``results.json``
+A run writes ``image_000.png``, ``image_001.png``, ... (``prompt00_image_000.png``, ... with several
+prompts), ``contact_sheet.png`` and ``results.json``
 (``outpaint`` writes no contact sheet: its record has no ``contact_sheet`` entry).
 ``results.json`` is the run's *completion record*: it lists every other file of the run and is moved
 into place last, so its presence means the run finished.
@@ -37,13 +38,15 @@ __all__ = ["RESULTS", "CONTACT_SHEET", "image_name", "png_bytes", "png_size_boun
 RESULTS = "results.json"
 CONTACT_SHEET = "contact_sheet.png"
 SHEET_PADDING = 2  # pixels between and around the contact sheet's cells (show.image_grid's default)
-_RUN_FILE = re.compile(r"image_\d{3,}\.png|contact_sheet\.png")  # the only names a run writes besides results.json
+# the only names a run writes besides results.json
+_RUN_FILE = re.compile(r"(?:prompt\d{2,}_)?image_\d{3,}\.png|contact_sheet\.png")
 _MAX_RECORD_BYTES = 64 * 2**20  # a results.json of 4096 candidates is ~2 MB
 
 
-def image_name(i: int) -> str:
-    """File name of the ``i``-th kept image (best first)."""
-    return f"image_{i:03d}.png"
+def image_name(i: int, prompt: Optional[int] = None) -> str:
+    """File name of the ``i``-th kept image (best first): ``image_000.png``; with several prompts, that of
+    prompt ``prompt``: ``prompt00_image_000.png``."""
+    return f"image_{i:03d}.png" if prompt is None else f"prompt{prompt:02d}_image_{i:03d}.png"
 
 
 def png_bytes(image) -> bytes:

@@ -4,7 +4,9 @@ A pipeline is a tokenizer, a generator and a VQGAN, plus optionally a CLIP reran
 Real-ESRGAN upscaler. It loads from a registered name (the Hub checkpoints of the original) or from a
 *pipeline directory* written by :func:`save_pipeline`::
 
-    pipeline.json               {"format": "rudalle_pipe.pipeline", "version": 1, "name": ...}
+    pipeline.json               {"format": "rudalle_pipe.pipeline", "version": 1, "name": ...,
+                                 "vocabulary": [words...]}   (optional: the words the generator
+                                 was trained on; see YTTMTokenizer.vocabulary)
     tokenizer/bpe.model         YouTokenToMe BPE text format
     dalle/                      config.json + model.safetensors   (DalleModel.save_pretrained)
     vae/                        config.json + model.safetensors   (model_type "vqgan")
@@ -152,7 +154,7 @@ def _load_hub(name: str, *, device, dtype, cache_dir, clip: bool, upscaler: bool
 
 def _load_dir(directory: Path, name: str, *, device, dtype, clip: bool, upscaler: bool) -> Pipeline:
     """Load a pipeline folder; every file it holds must resolve inside it (symlinks included)."""
-    from .tokenizer import YTTMTokenizer
+    from .tokenizer import YTTMTokenizer, check_word_list
     from .vae import VQGAN, VQGANConfig
 
     sandbox = snapshot_sandbox(directory)
@@ -164,12 +166,16 @@ def _load_dir(directory: Path, name: str, *, device, dtype, clip: bool, upscaler
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"{directory / 'pipeline.json'} is not a rudalle_pipe pipeline (format {found!r})")
+    vocabulary = meta.get("vocabulary")
+    if vocabulary is not None:  # checked before any weights load
+        vocabulary = check_word_list(vocabulary, what=f"{directory / 'pipeline.json'} 'vocabulary'")
     pipe = Pipeline(
         tokenizer=YTTMTokenizer.from_file(inside("tokenizer/bpe.model")),
         dalle=DalleModel.from_pretrained(inside("dalle"), device=device, dtype=dtype, sandbox=sandbox),
         vae=load_pretrained(VQGAN, VQGANConfig, inside("vae"), model_type="vqgan", device=device, sandbox=sandbox),
         name=str(meta.get("name", name)),
     )
+    pipe.tokenizer.vocabulary = vocabulary
     if clip and (directory / "clip").is_dir():
         from .clip import get_clip
 
@@ -212,5 +218,8 @@ def save_pipeline(pipe: Pipeline, directory: str | os.PathLike, *, clip_model_cf
         if pipe.upscaler is not None:
             save_pretrained(pipe.upscaler, pipe.upscaler.config, tmp / "upscaler", model_type="rrdbnet")
         meta = {"format": FORMAT, "version": 1, "name": pipe.name or directory.name}
-        atomic_write(tmp / "pipeline.json", json.dumps(meta, indent=2) + "\n")
+        vocabulary = getattr(pipe.tokenizer, "vocabulary", None)
+        if vocabulary is not None:
+            meta["vocabulary"] = sorted(vocabulary)
+        atomic_write(tmp / "pipeline.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     return directory

@@ -47,6 +47,11 @@ _WORD_CACHE_SIZE = 1 << 16  # words whose ids are kept; the cache is emptied whe
 MAX_BPE_BYTES = 64 * 2**20  # largest bpe.model read (ruDALL-E's, 16384 ids, is about 200 KB)
 
 
+MAX_VOCABULARY_WORDS = 100_000  # largest word list a pipeline may carry (the demo's is a few dozen)
+MAX_WORD_CHARS = 64  # longest word in such a list
+_WORD = re.compile(r"[^\W_]+")  # a word: a maximal run of Unicode letters and digits
+
+
 def prepare_text(text: str) -> str:
     """The pipeline's text normalisation before tokenizing: lowercase, then strip whitespace."""
     if not isinstance(text, str):
@@ -54,11 +59,39 @@ def prepare_text(text: str) -> str:
     return text.lower().strip()
 
 
+def text_words(text: str) -> list[str]:
+    """The words of ``prepare_text(text)`` in order (repeats kept): maximal runs of Unicode letters
+    and digits, so punctuation and hyphens separate words; "ё" and "е" stay different letters, as
+    they are different tokens."""
+    return _WORD.findall(prepare_text(text))
+
+
+def check_word_list(words: object, *, what: str = "vocabulary") -> frozenset[str]:
+    """``words`` as a frozenset, or a TypeError/ValueError naming ``what``: a list (or set) of at most
+    :data:`MAX_VOCABULARY_WORDS` str, each one lowercase word (exactly one :func:`text_words` word,
+    at most :data:`MAX_WORD_CHARS` characters)."""
+    if not isinstance(words, (list, tuple, set, frozenset)):
+        raise TypeError(f"{what} must be a list of lowercase words, got {type(words).__name__}")
+    if len(words) > MAX_VOCABULARY_WORDS:
+        raise ValueError(f"{what} has {len(words)} words; at most {MAX_VOCABULARY_WORDS} are allowed")
+    for i, word in enumerate(sorted(words) if isinstance(words, (set, frozenset)) else words):
+        if not isinstance(word, str):
+            raise TypeError(f"{what}[{i}] must be a str, got {type(word).__name__}")
+        if len(word) > MAX_WORD_CHARS or text_words(word) != [word]:
+            raise ValueError(f"{what}[{i}] = {word[:MAX_WORD_CHARS + 1]!r} is not one lowercase word (letters and "
+                             f"digits only, at most {MAX_WORD_CHARS} characters)")
+    return frozenset(words)
+
+
 class YTTMTokenizer:
     """A YouTokenToMe BPE model with the special ids pad=0, unk=1, bos=2, eos=3.
 
     Build it with :meth:`from_file`. ``chars`` maps each alphabet character to its id (in file
     order); ``merges`` lists ``(left_id, right_id, new_id)`` rules, highest priority first.
+
+    ``vocabulary`` is the set of words the generator was trained on (a pipeline's ``pipeline.json``
+    ``"vocabulary"`` entry), or None when unknown (the default; the Hub checkpoints). Setting it checks
+    the words (:func:`check_word_list`); :meth:`unknown_words` lists a prompt's words outside it.
     """
 
     pad_id: int = 0
@@ -84,6 +117,25 @@ class YTTMTokenizer:
         for i, s in spelling.items():
             self._pieces[i] = " " + s[1:] if s.startswith(SPACE_TOKEN) else s
         self._word_cache: dict[str, tuple[int, ...]] = {}  # prompts repeat words; words encode independently
+        self._vocabulary: frozenset[str] | None = None
+
+    @property
+    def vocabulary(self) -> frozenset[str] | None:
+        """The words the generator was trained on, or None (unknown: nothing is flagged)."""
+        return self._vocabulary
+
+    @vocabulary.setter
+    def vocabulary(self, words: Iterable[str] | None) -> None:
+        self._vocabulary = None if words is None else check_word_list(words)
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``prepare_text(text)`` (:func:`text_words`) that are not in :attr:`vocabulary`,
+        in order of first appearance, each once; ``[]`` when there is no vocabulary."""
+        if self._vocabulary is None:
+            if not isinstance(text, str):
+                raise TypeError(f"text must be a str, got {type(text).__name__}")
+            return []
+        return list(dict.fromkeys(w for w in text_words(text) if w not in self._vocabulary))
 
     @classmethod
     def from_file(cls, path: Union[str, os.PathLike]) -> "YTTMTokenizer":

@@ -58,8 +58,10 @@ def test_generate_end_to_end(pipe_dir, tmp_path, capsys):
     assert TEXT in (out / "results.json").read_text("utf-8")  # ensure_ascii=False: readable Russian
     assert results["text"] == TEXT and results["model"] == str(pipe_dir) and results["model_kind"] == "directory"
     assert results["settings"] == {"top_k": 50, "top_p": 0.995, "temperature": 1.0, "num_images": 3, "seed": 1,
-                                   "batch_size": 8, "rerank": 2, "upscale": "x4", "device": "cpu",
-                                   "dtype": "float32"}
+                                   "batch_size": 8, "guidance_scale": 1.0, "negative_prompt": None,
+                                   "rerank": 2, "rank_by": "clip", "rank_weight": None,
+                                   "upscale": "x4", "device": "cpu", "dtype": "float32"}
+    assert results["prompts"] == [TEXT]
     assert set(results["timings_s"]) == {"load", "generate", "rerank", "upscale", "save", "total"}
 
     # the same chain through the library gives the same numbers and pixels
@@ -70,13 +72,18 @@ def test_generate_end_to_end(pipe_dir, tmp_path, capsys):
 
     gen = generate_images(TEXT, pipe.tokenizer, pipe.dalle, pipe.vae, top_k=50, top_p=0.995, num_images=3, seed=1,
                           progress=False)
-    ranked = cherry_pick_by_clip(gen.images, TEXT, pipe.clip, progress=False)
+    ranked = cherry_pick_by_clip(gen.images, TEXT, pipe.clip, progress=False, perplexities=gen.perplexities)
     candidates = results["candidates"]
     assert [c["seed"] for c in candidates] == [1, 2, 3]
     assert [c["perplexity"] for c in candidates] == pytest.approx(gen.perplexities, rel=1e-6)
+    for rank, (i, clip_score, combined) in enumerate(zip(ranked.indices, ranked.clip_scores, ranked.combined)):
+        assert candidates[i]["rank"] == rank + 1 and candidates[i]["prompt_index"] == 0  # every candidate scored
+        assert candidates[i]["clip_score"] == pytest.approx(clip_score, abs=1e-6)
+        assert candidates[i]["combined"] == pytest.approx(combined, abs=1e-5)
     images = results["images"]
     assert [im["file"] for im in images] == ["image_000.png", "image_001.png"]
-    assert [im["index"] for im in images] == ranked.indices[:2]
+    assert [im["index"] for im in images] == ranked.indices[:2] and [im["rank"] for im in images] == [1, 2]
+    assert [im["prompt"] for im in images] == [TEXT, TEXT]
     assert [im["clip_score"] for im in images] == pytest.approx(ranked.scores[:2], abs=1e-6)
     assert images[0]["clip_score"] >= images[1]["clip_score"]
     for im in images:
@@ -121,10 +128,15 @@ def test_defaults_follow_what_the_pipeline_has(bare_dir, tmp_path, capsys):
     code, _, stderr = run(capsys, "generate", TEXT, "--model", bare_dir, "--num-images", 2, "--out", out,
                           "--no-progress")
     assert code == 0, stderr
-    results = json.loads((out / "results.json").read_text("utf-8"))
-    assert results["settings"]["rerank"] == 0 and results["settings"]["upscale"] == "none"
+    results = json.loads((out / "results.json").read_text("utf-8"))  # no CLIP: ranked by perplexity
+    assert results["settings"]["rerank"] == 2 and results["settings"]["upscale"] == "none"
+    assert results["settings"]["rank_by"] == "perplexity"
     assert results["settings"]["seed"] is None and len({im["seed"] for im in results["images"]}) == 2
     assert [im["clip_score"] for im in results["images"]] == [None, None]
+    assert [im["combined"] for im in results["images"]] == [None, None]
+    assert [im["rank"] for im in results["images"]] == [1, 2]
+    ppl = [im["perplexity"] for im in results["images"]]
+    assert ppl == sorted(ppl) and sorted(im["index"] for im in results["images"]) == [0, 1]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -138,6 +150,13 @@ def test_defaults_follow_what_the_pipeline_has(bare_dir, tmp_path, capsys):
     (["--top-p", "abc"], "argument --top-p: invalid float value: 'abc'"),
     (["--upscale", "x3"], "argument --upscale: invalid choice: 'x3'"),
     (["--device", "tpu9"], "--device 'tpu9' is not a device this torch can run on; valid choices: cpu"),
+    (["--rank-by", "ppl"], "argument --rank-by: invalid choice: 'ppl' (choose from"),
+    (["--rerank", "0", "--rank-by", "clip"], "--rank-by has no effect with --rerank 0"),
+    (["--rerank", "0", "--rank-weight", "0.5"], "--rank-weight has no effect with --rerank 0"),
+    (["--rank-weight", "0.5"], "--rank-weight is CLIP's share of the combined score; it needs --rank-by combined "
+                               "(ranking by clip here)"),
+    (["--rank-by", "combined", "--rank-weight", "1.5"], "--rank-weight must be a finite number in [0, 1], got 1.5"),
+    (["--rank-by", "combined", "--rank-weight", "nan"], "--rank-weight must be a finite number in [0, 1], got nan"),
 ])
 def test_usage_errors_are_one_line_exit_2(pipe_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "out"
@@ -193,9 +212,11 @@ def test_bundled_demo_is_the_default_model(bare_dir, tmp_path, capsys, monkeypat
     assert any(line.split()[:3] == ["demo", "pipeline", "(bundled)"] for line in stdout.splitlines())
 
 
-def test_rerank_needs_a_clip(bare_dir, tmp_path, capsys):
-    code, _, stderr = run(capsys, "generate", TEXT, "--model", bare_dir, "--rerank", 1, "--out", tmp_path / "o")
-    assert code == EXIT_USAGE and "has no CLIP reranker; use --rerank 0" in stderr
+def test_rank_by_clip_needs_a_clip(bare_dir, tmp_path, capsys):
+    for by in ("clip", "combined"):
+        code, _, stderr = run(capsys, "generate", TEXT, "--model", bare_dir, "--rank-by", by, "--out", tmp_path / "o")
+        assert code == EXIT_USAGE and stderr.count("\n") == 1
+        assert f"--rank-by {by}: pipeline '{bare_dir}' has no CLIP reranker; use --rank-by perplexity" in stderr
     code, _, stderr = run(capsys, "generate", TEXT, "--model", bare_dir, "--upscale", "x4", "--out", tmp_path / "o")
     assert code == EXIT_USAGE and "available: none" in stderr
 
@@ -246,6 +267,7 @@ def test_models_lists_presets_and_cache_state(offline_hub, fixtures_dir, capsys)
 def test_help_and_missing_verb(capsys):
     code, stdout, _ = run(capsys, "generate", "--help")
     assert code == 0 and "--rerank N" in stdout and "--upscale {x2,x4,x8,none}" in stdout
+    assert "--rank-by {clip,perplexity,combined}" in stdout and "--rank-weight W" in stdout
     code, _, stderr = run(capsys)
     assert code == EXIT_USAGE and stderr.count("\n") == 1 and "COMMAND" in stderr
 
