@@ -403,18 +403,21 @@ def test_corrupt_codes_caches_are_rebuilt(tmp_path, tokenizer, caplog):
 
     torch.manual_seed(0)
     small = VQGAN(TINY_VQGAN).eval()
-    scenes = all_scenes("train")[:2]
+    scenes, variants = all_scenes("train")[:2], [0, None]  # a variation and a plain render
     path = tmp_path / "stage_codes.pt"
-    codes = dalle_stage._load_or_encode(path, small, scenes, 16, False)
+    codes = dalle_stage._load_or_encode(path, small, scenes, variants, 16, False)
     path.write_bytes(path.read_bytes()[:50])
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert torch.equal(dalle_stage._load_or_encode(path, small, scenes, 16, False), codes)
+        assert torch.equal(dalle_stage._load_or_encode(path, small, scenes, variants, 16, False), codes)
     assert "is unreadable" in caplog.text
     torch.manual_seed(1)  # another VQGAN of the same shape: the cache does not apply
     other = VQGAN(TINY_VQGAN).eval()
-    assert torch.equal(dalle_stage._load_or_encode(path, other, scenes, 16, False),
-                       dalle_stage.encode_dataset(other, dalle_stage.render_scenes(scenes, 16)))
+    assert torch.equal(dalle_stage._load_or_encode(path, other, scenes, variants, 16, False),
+                       dalle_stage.encode_dataset(other, dalle_stage.render_scenes(scenes, 16, variants=variants)))
+    # other variations of the same scenes: not the cached codes either
+    assert torch.equal(dalle_stage._load_or_encode(path, other, scenes, [1, 2], 16, False),
+                       dalle_stage.encode_dataset(other, dalle_stage.render_scenes(scenes, 16, variants=[1, 2])))
 
 
 # ------------------------------------------------------------------------------ resume checks
