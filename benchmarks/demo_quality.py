@@ -207,17 +207,17 @@ def generation_table(pipe: Pipeline, prompts: int, args: argparse.Namespace, sam
 
     print(f"\ngeneration, {prompts} prompts/split x {args.candidates} candidates, mean over seeds {seeds}; "
           "'all attributes right' unless named")
-    print(f"{'guidance scale':<40}" + "".join(f"{s:>9g}" for s in scales))
+    print(f"{'guidance scale':<40}" + "".join(f"{s:>12g}" for s in scales))
     for split, label in (("train", "seen"), ("heldout", "held-out")):
         print(f"{label + ': distinct candidates of ' + str(args.candidates):<40}"
-              + "".join(f"{mean(split, s, 'distinct'):>9.1f}" for s in scales))
+              + "".join(f"{mean(split, s, 'distinct'):>12.1f}" for s in scales))
         for key in ("random", *RANKINGS):
             name = "one random candidate" if key == "random" else f"top-1 by {key}"
-            print(f"{label + ': ' + name:<40}" + "".join(f"{mean(split, s, key):>9.1%}" for s in scales))
+            print(f"{label + ': ' + name:<40}" + "".join(f"{mean(split, s, key):>12.1%}" for s in scales))
         if len(seeds) > 1:
             for key in ("random", "clip"):
-                per_seed = ["/".join(f"{r[key]['all']:.0%}" for r in runs[split, s] if key in r) for s in scales]
-                print(f"{'  ' + label + ' ' + key + ' per seed':<40}" + "".join(f"{v:>9}" for v in per_seed))
+                per_seed = ["/".join(f"{r[key]['all'] * 100:.0f}" for r in runs[split, s] if key in r) for s in scales]
+                print(f"{'  ' + label + ' ' + key + ' % per seed':<40}" + "".join(f"{v:>12}" for v in per_seed))
     guided = [s for s in scales if s != 1] or scales
     best = max(guided, key=lambda s: (mean("heldout", s, "random"), -s))
     print()
