@@ -20,12 +20,12 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .backend import SMALL_ROWS, linear, matmul, uses_numpy_blas  # noqa: F401 (decoding path; re-exported)
 from .masks import build_masks, layer_mask_kinds
 
 logger = logging.getLogger(__name__)
@@ -99,41 +99,6 @@ class DalleOutput:
     loss: Optional[torch.Tensor] = None
     loss_text: Optional[torch.Tensor] = None
     loss_image: Optional[torch.Tensor] = None
-
-
-SMALL_ROWS = 64  # rows (batch x new positions) up to which decoding uses the numpy path
-
-
-def uses_numpy_blas(device: torch.device, dtype: torch.dtype, rows: int) -> bool:
-    """Whether products of ``rows`` rows go through numpy's BLAS (see :func:`linear`)."""
-    return device.type == "cpu" and dtype == torch.float32 and 0 < rows <= SMALL_ROWS
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; while decoding on CPU (fp32, no autograd, at most
-    ``SMALL_ROWS`` rows) the product goes through numpy's BLAS instead.
-
-    A decoding step is a matrix-vector product per layer, bound by how fast the weights stream from
-    memory. PyTorch's MKL matrix-vector kernel reaches well under the memory bandwidth on some CPUs
-    (measured 15 GB/s against numpy's OpenBLAS at 32 GB/s on a 38 GB/s AMD EPYC; see
-    ``benchmarks/generation.py``). Results agree to float rounding.
-    """
-    rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if torch.is_grad_enabled() or weight.dtype != x.dtype or not uses_numpy_blas(x.device, x.dtype, rows):
-        return F.linear(x, weight, bias)
-    flat = x.detach().reshape(rows, x.shape[-1]).numpy()
-    out = torch.from_numpy(weight.detach().numpy() @ flat.T).T  # (rows, out_features)
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for the attention of a decoding step; through numpy's BLAS on CPU in fp32 without
-    autograd, for the same reason as :func:`linear` (the key/value cache is streamed once)."""
-    if a.device.type != "cpu" or a.dtype != torch.float32 or torch.is_grad_enabled() or b.numel() < 1 << 16:
-        return a @ b  # small products: torch's call overhead is lower
-    return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy()))
 
 
 class KVCache:

@@ -4,15 +4,15 @@ setting of CPU decoding. Every name here is re-exported from :mod:`rudalle_pipe.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from tqdm.auto import tqdm
 
 from .checks import check_count, check_float, check_int
-from .dalle import DalleModel, DalleOutput, uses_numpy_blas
+from .backend import decoding_threads
+from .dalle import DalleModel, DalleOutput
 from .previews import GenerationCancelled, StepCallback, run_callback
 
 __all__ = ["sample_codes", "filter_logits", "filtered_candidates", "guided_logits", "empty_text_ids",
@@ -101,23 +101,6 @@ def _draw(logits: torch.Tensor, generators: Sequence[torch.Generator], **filters
     probs = scores.softmax(dim=-1)  # (B, m)
     picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
     return index.gather(1, picks[:, None])[:, 0]
-
-
-@contextmanager
-def decoding_threads(dalle: DalleModel, rows: Optional[int]) -> Iterator[None]:
-    """While decoding ``rows`` sequences on CPU through the numpy BLAS path of
-    :func:`rudalle_pipe.dalle.linear`, run torch single-threaded so that its idle OpenMP workers do
-    not spin against BLAS's threads (measured: 48 ms vs 16 ms per step for a hidden-2048 model on 2
-    cores). The previous thread count is restored afterwards. ``rows=None`` changes nothing."""
-    if rows is None or not uses_numpy_blas(dalle.device, dalle.dtype, rows):
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def guided_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,0 +1,51 @@
+"""The CPU decoding path (rudalle_pipe.backend): numpy products equal torch's, the few-row path is taken
+for large weights, and torch's thread count is restored."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rudalle_pipe import backend
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16])
+def test_linear_matches_torch_and_takes_the_few_row_path_for_large_weights(rows, monkeypatch):
+    calls = []
+    original = backend._few_rows
+    monkeypatch.setattr(backend, "_few_rows", lambda w, x: calls.append(x.shape[0]) or original(w, x))
+    torch.manual_seed(rows)
+    out = backend.BLOCK_BYTES // (1024 * 4) * 3 + 7  # three blocks and a ragged one
+    weight, bias = torch.randn(out, 1024), torch.randn(out)
+    assert weight.numel() >= backend._PAIR_MIN_WEIGHT  # a ragged last block too
+    x = torch.randn(rows, 1, 1024)
+    with torch.inference_mode():
+        got = backend.linear(x, weight, bias)
+    want = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+    assert got.shape == (rows, 1, weight.shape[0]) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=0, atol=1e-3)
+    assert calls == ([rows] if 2 <= rows <= backend.PAIR_ROWS else [])
+    with torch.enable_grad():  # training: plain torch, with autograd
+        w = weight.clone().requires_grad_()
+        backend.linear(x, w, bias).sum().backward()
+    assert w.grad is not None and calls == ([rows] if 2 <= rows <= backend.PAIR_ROWS else [])
+
+
+def test_small_weights_and_wide_batches_use_one_product(monkeypatch):
+    monkeypatch.setattr(backend, "_few_rows", lambda w, x: pytest.fail("blocked path for a small weight"))
+    with torch.inference_mode():
+        x, weight = torch.randn(2, 64), torch.randn(32, 64)
+        assert torch.allclose(backend.linear(x, weight), x @ weight.T, atol=1e-5)
+
+
+def test_decoding_threads_restores_the_thread_count():
+    class Model:
+        device, dtype = torch.device("cpu"), torch.float32
+
+    before = torch.get_num_threads()
+    with pytest.raises(RuntimeError):
+        with backend.decoding_threads(Model(), 2):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("stop")
+    assert torch.get_num_threads() == before
+    with backend.decoding_threads(Model(), None):  # None: nothing changes
+        assert torch.get_num_threads() == before
