@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .checks import check_float
+from .checks import check_count, check_float
 from .images import check_images
 
 if TYPE_CHECKING:  # clip.py imports this module; ClipBundle is imported lazily at run time
@@ -83,17 +83,11 @@ def _check_clip_args(clip: object, top_n: object, count: int, batch_size: object
 
         if not isinstance(clip, ClipBundle):
             raise TypeError(f"clip must be a ClipBundle from get_clip() (or None), got {type(clip).__name__}")
-    if top_n is not None:
-        if isinstance(top_n, bool) or not isinstance(top_n, int):
-            raise TypeError(f"top_n must be an int or None, got {type(top_n).__name__}: {top_n!r}")
-        if top_n < 1:
-            raise ValueError(f"top_n must be >= 1 (or None for all images), got {top_n}")
+    if top_n is not None:  # None keeps every image
+        check_count("top_n", top_n)
         if top_n > count:
             raise ValueError(f"top_n={top_n} is larger than the number of images ({count})")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int):
-        raise TypeError(f"batch_size must be an int, got {type(batch_size).__name__}: {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_count("batch_size", batch_size)
     if templates is not None:
         if isinstance(templates, str) or not isinstance(templates, Sequence):
             raise TypeError(f"templates must be a list of str, got {type(templates).__name__}")
