@@ -19,6 +19,7 @@ from .emoji import convert_emoji_to_rgba
 from .generation import GenerationOutput, filter_logits, generate_images
 from .previews import GenerationCancelled, preview_images
 from .sampling import empty_text_ids
+from .static_decode import StaticDecoder
 from .hub import WeightsNotFoundError
 from .image_prompts import ImagePrompt
 from .inpaint import OutpaintOutput, outpaint, paste_back
@@ -60,6 +61,7 @@ __all__ = [
     "GenerationCancelled",
     "preview_images",
     "empty_text_ids",
+    "StaticDecoder",
     "ImagePrompt",
     "OutpaintOutput",
     "outpaint",

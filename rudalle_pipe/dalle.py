@@ -105,14 +105,16 @@ class KVCache:
     """Preallocated keys and values for every layer: ``[B, heads, total_seq_length, head_dim]``.
 
     Each forward writes its new positions in place and attends over ``[:length]``, so a generation
-    step costs one position per layer, never the whole sequence.
+    step costs one position per layer, never the whole sequence. The buffers start as zeros: a
+    fixed-shape step (:mod:`rudalle_pipe.static_decode`) attends over all positions with the unwritten
+    ones masked, and a masked zero adds nothing where masked garbage could be NaN (``0 * NaN``).
     """
 
     def __init__(self, config: DalleConfig, batch_size: int, *, device, dtype) -> None:
         heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
         shape = (batch_size, heads, config.total_seq_length, head_dim)
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.length = 0  # positions filled so far
 
     def reorder(self, index: torch.Tensor) -> None:
@@ -138,14 +140,24 @@ class SelfAttention(nn.Module):
         x: torch.Tensor,
         mask: torch.Tensor,
         cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
     ) -> torch.Tensor:
-        """x: ``[B, T, C]`` for positions ``start .. start+T-1``; mask: ``[T, start+T]`` bool."""
+        """x: ``[B, T, C]`` for positions ``start .. start+T-1``; mask: ``[T, start+T]`` bool.
+
+        With a cache and ``start`` a 0-dim device LongTensor (fixed shapes, for CUDA graphs), the new
+        keys/values are written at ``start`` on the device and attention runs over all ``S`` cached
+        positions: ``mask`` is then ``[T, S]`` and must hide every position not yet written."""
         B, T, C = x.shape
         qkv = self.query_key_value
         q, k, v = linear(x, qkv.weight, qkv.bias).split(C, dim=-1)  # each (B, T, C), contiguous thirds Q|K|V
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
-        if cache is not None:  # write the new keys/values in place, attend over everything so far
+        if cache is not None and isinstance(start, torch.Tensor):  # fixed shapes: no host value decides a size
+            cache_k, cache_v = cache
+            where = start + torch.arange(T, device=start.device)
+            cache_k.index_copy_(2, where, k)
+            cache_v.index_copy_(2, where, v)
+            k, v = cache_k, cache_v  # (B, nh, S, hd)
+        elif cache is not None:  # write the new keys/values in place, attend over everything so far
             cache_k, cache_v = cache
             cache_k[:, :, start : start + T] = k
             cache_v[:, :, start : start + T] = v
@@ -187,7 +199,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.before_second_addition_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
 
-    def forward(self, x, mask, cache=None, start: int = 0) -> torch.Tensor:
+    def forward(self, x, mask, cache=None, start: int | torch.Tensor = 0) -> torch.Tensor:
         x = x + self.before_first_addition_layernorm(
             self.attention(self.input_layernorm(x), mask, cache, start)
         )

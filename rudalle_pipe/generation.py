@@ -22,6 +22,7 @@ from .checks import MAX_IMAGES, check_count, check_float, check_int
 from .dalle import DalleModel
 from .image_prompts import ImagePrompt
 from .previews import GenerationCancelled, StepCallback, preview_images  # noqa: F401
+from .static_decode import resolve_decoder
 from .sampling import (MAX_GUIDANCE, _draw, _nucleus_drop, decoding_threads, empty_text_ids,  # noqa: F401
                        filter_logits, filtered_candidates, guided_logits, sample_codes)
 
@@ -95,7 +96,8 @@ def check_image_prompt(prompt: object, dalle: DalleModel) -> tuple[torch.Tensor,
 
 
 def seeds_for(num_images: int, seed: Optional[int], generator: Optional[torch.Generator]) -> list[int]:
-    """One seed per image: ``seed + i``, or drawn from ``generator``, or fresh entropy if neither."""
+    """One seed per image: ``seed + i``, or drawn from ``generator`` (on its own device: a CUDA
+    generator draws other seeds than a CPU one seeded alike), or fresh entropy if neither."""
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
     if seed is not None:
@@ -104,7 +106,10 @@ def seeds_for(num_images: int, seed: Optional[int], generator: Optional[torch.Ge
     if generator is None:
         generator = torch.Generator()
         generator.seed()  # fresh entropy; the seeds are reported so the images can be reproduced
-    return [int(s) for s in torch.randint(0, _MAX_SEED, (num_images,), generator=generator)]
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    drawn = torch.randint(0, _MAX_SEED, (num_images,), generator=generator, device=generator.device)
+    return [int(s) for s in drawn.tolist()]
 
 
 @torch.inference_mode()
@@ -154,6 +159,7 @@ def generate_images(
     negative_prompt: Optional[str] = None,
     callback: Optional[StepCallback] = None,
     callback_steps: int = 1,
+    decoder: str = "auto",
 ) -> GenerationOutput:
     """Generate ``num_images`` pictures for ``text`` (or for each prompt of a list), like the original
     ``generate_images``.
@@ -209,6 +215,15 @@ def generate_images(
             positions 0; feed it to :func:`preview_images`. Returning ``False`` or raising
             :class:`GenerationCancelled` cancels; other exceptions propagate unchanged.
         callback_steps: in ``[1, image_seq_length]``; only with a callback.
+        decoder: how a cached step runs: ``"auto"`` (default: ``"static"`` on CUDA, ``"dynamic"``
+            elsewhere), ``"dynamic"`` (attention over the positions so far; the CPU path) or
+            ``"static"`` (fixed shapes, replayed as one CUDA graph per batch on a GPU; see
+            :mod:`rudalle_pipe.static_decode`). Same distribution; logits differ by rounding only.
+
+    On a GPU, the same seed gives the same image for the same batch size; another batch size can change
+    the float rounding of the products (cuBLAS picks kernels by shape), and a code whose top
+    candidates nearly tie can then come out differently: ``benchmarks/gpu_check.sh`` measures how
+    often. On CPU the images never depend on the batch size.
 
     Raises:
         GenerationCancelled: the callback cancelled. ``.codes`` holds the finished batches' rows then
@@ -224,6 +239,7 @@ def generate_images(
                         num_images=num_images, batch_size=batch_size, seed=seed)
     total = check_int("len(text) * num_images", len(prompts) * num_images, high=MAX_IMAGES)
     check_float("guidance_scale", guidance_scale, low=0, high=MAX_GUIDANCE, low_open=True)
+    resolve_decoder(decoder, dalle.device, use_cache)
     if negative_prompt is not None:
         if not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
@@ -249,7 +265,7 @@ def generate_images(
                                   temperature=temperature, batch_size=batch_size, use_cache=use_cache,
                                   forced_codes=forced_codes, forced_mask=forced_mask, progress=progress,
                                   guidance_scale=guidance_scale, uncond_ids=uncond_ids,
-                                  callback=callback, callback_steps=callback_steps)
+                                  callback=callback, callback_steps=callback_steps, decoder=decoder)
     except GenerationCancelled as cancelled:
         cancelled.prompts = image_prompts[: len(cancelled.seeds)]
         raise

@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 
 from .checks import check_count, check_float, check_int
 from .backend import decoding_threads
-from .dalle import DalleModel, DalleOutput
+from .dalle import DalleModel
+from .static_decode import StaticDecoder, resolve_decoder
 from .previews import GenerationCancelled, StepCallback, run_callback
 
 __all__ = ["sample_codes", "filter_logits", "filtered_candidates", "guided_logits", "empty_text_ids",
@@ -96,11 +97,27 @@ def filtered_candidates(
 
 def _draw(logits: torch.Tensor, generators: Sequence[torch.Generator], **filters) -> torch.Tensor:
     """One code per row from ``softmax(filter_logits(logits))``, row ``i`` drawing only from
-    ``generators[i]`` so that a row's sample never depends on the other rows. Returns ``[B]``."""
+    ``generators[i]`` so that a row's sample never depends on the other rows. Returns ``[B]``.
+
+    On CUDA nothing is read back to the host, so steps queue up behind each other: the filter runs over
+    the whole vocabulary (the compact path's tie check would read a count back), and each row draws
+    with the exponential race that ``torch.multinomial`` runs for one sample, without its host-side
+    check of the probabilities: ``argmax(p / e)``, ``e ~ Exp(1)`` from the row's generator."""
+    if logits.device.type == "cuda":
+        return race_draw(filter_logits(logits, **filters).softmax(dim=-1), generators)
     scores, index = filtered_candidates(logits, **filters)
     probs = scores.softmax(dim=-1)  # (B, m)
     picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
     return index.gather(1, picks[:, None])[:, 0]
+
+
+def race_draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One index per row of ``probs [B, V]`` (rows sum to 1): ``argmax(p / e)`` with ``e ~ Exp(1)``
+    drawn from ``generators[i]`` for row ``i``. That is the race ``torch.multinomial(p, 1)`` runs (it
+    picks index ``j`` with probability ``p_j``), minus its check of ``p`` that reads back to the host.
+    Returns ``[B]``."""
+    race = torch.stack([torch.empty_like(probs[0]).exponential_(1, generator=g) for g in generators])
+    return (probs / race).argmax(dim=-1)
 
 
 def guided_logits(logits: torch.Tensor, scale: float) -> torch.Tensor:
@@ -149,6 +166,7 @@ def sample_codes(
     uncond_ids: Optional[torch.Tensor] = None,
     callback: Optional[StepCallback] = None,
     callback_steps: int = 1,
+    decoder: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``len(seeds)`` code grids.
 
@@ -172,6 +190,10 @@ def sample_codes(
             :func:`empty_text_ids` (all pads). Only with ``guidance_scale != 1``.
         callback, callback_steps: see :func:`~rudalle_pipe.previews.run_callback`; called after
             every ``callback_steps``-th position of each batch and after its last one.
+        decoder: ``"dynamic"`` (attend over the positions so far), ``"static"`` (fixed shapes; on
+            CUDA one captured graph per batch, see :mod:`rudalle_pipe.static_decode`) or ``"auto"``
+            (static on CUDA, dynamic elsewhere). Both sample the same distribution; their logits
+            differ by float rounding only.
 
     Returns:
         ``codes [N, image_seq_length]`` LongTensor and ``perplexities [N]`` float tensor: the mean
@@ -192,6 +214,7 @@ def sample_codes(
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as fn(step, total_steps, codes), got {type(callback).__name__}")
     check_int("callback_steps", callback_steps, low=1, high=n_img)
+    decoder = resolve_decoder(decoder, device, use_cache)
     if callback is None and callback_steps != 1:
         raise ValueError(f"callback_steps={callback_steps} has no effect without a callback")
     text_ids = _per_row(text_ids, len(seeds), T, "text_ids").to(device)
@@ -219,7 +242,7 @@ def sample_codes(
                 dalle, text_ids[rows], None if uncond is None else uncond[rows], seeds[rows],
                 filters=dict(top_k=top_k, top_p=top_p, temperature=temperature), guidance_scale=guidance_scale,
                 use_cache=use_cache, forced_codes=forced_codes, forced_mask=forced_mask, bar=bar,
-                callback=callback, callback_steps=callback_steps)
+                callback=callback, callback_steps=callback_steps, static=decoder == "static")
             all_codes.append(codes)
             all_ppl.append(nll[:, sampled].exp().mean(dim=1))
             if reason is not None:
@@ -237,7 +260,7 @@ def sample_codes(
 def _sample_batch(dalle: DalleModel, text: torch.Tensor, uncond: Optional[torch.Tensor], seeds: Sequence[int], *,
                   filters: dict, guidance_scale: float, use_cache: bool, forced_codes: Optional[torch.Tensor],
                   forced_mask: torch.Tensor, bar, callback: Optional[StepCallback], callback_steps: int,
-                  ) -> tuple[torch.Tensor, torch.Tensor, int, Optional[str]]:
+                  static: bool = False) -> tuple[torch.Tensor, torch.Tensor, int, Optional[str]]:
     """One batch of :func:`sample_codes`: ``text [B, T]`` (and ``uncond [B, T]`` when guided).
 
     Returns CPU ``codes [B, n]``, ``nll [B, n]`` (under the conditional logits), the positions drawn
@@ -252,13 +275,15 @@ def _sample_batch(dalle: DalleModel, text: torch.Tensor, uncond: Optional[torch.
     prefix = text if uncond is None else torch.cat((text, uncond))  # (R, T): R = B, or 2B pairs (i, B + i)
     R = prefix.shape[0]
     cache = dalle.init_cache(R) if use_cache else None
-    out = None
+    out = step = None
     try:
         out = dalle(prefix, past_key_values=cache, use_cache=use_cache,
                     image_logits_only=True, last_only=True)  # prefill the texts once
+        logits = out.logits[:, -1]  # (R, vocab): image codes only
+        step = StaticDecoder(dalle, cache) if static else None
         with decoding_threads(dalle, R if use_cache else None):
             for p in range(n_img):
-                logits = out.logits[:, -1].float()  # (R, vocab): image codes only
+                logits = logits.float()
                 cond = logits[:B]
                 if forced_mask[p]:
                     token = forced_codes[p].expand(B)
@@ -275,14 +300,15 @@ def _sample_batch(dalle: DalleModel, text: torch.Tensor, uncond: Optional[torch.
                 if p == n_img - 1:
                     break
                 feed = token if uncond is None else token.repeat(2)  # (R,): a pair gets the same code
-                if use_cache:
-                    out = dalle(feed[:, None], past_key_values=cache, use_cache=True,
-                                image_logits_only=True, last_only=True)
+                if step is not None:
+                    logits = step(feed)
+                elif use_cache:
+                    logits = dalle(feed[:, None], past_key_values=cache, use_cache=True,
+                                   image_logits_only=True, last_only=True).logits[:, -1]
                 else:  # what a model without a cache does: the whole sequence and all its logits again
                     seen = codes[:, : p + 1].repeat(R // B, 1)
-                    full = dalle(torch.cat((prefix, seen), dim=1)).logits  # (R, L, V_text + V_image)
-                    out = DalleOutput(logits=full[:, -1:, cfg.vocab_size :])
+                    logits = dalle(torch.cat((prefix, seen), dim=1)).logits[:, -1, cfg.vocab_size:]
     except BaseException:
-        cache = out = None  # noqa: F841 -- the traceback keeps this frame, not the cache
+        cache = out = step = logits = None  # noqa: F841 -- the traceback keeps this frame, not the cache
         raise
     return codes.cpu(), nll.cpu(), n_img, None
