@@ -2,12 +2,16 @@
 
 Rerun with::
 
-    python benchmarks/first_command.py            # prints what the detector reads in the 4 best images
+    python benchmarks/first_command.py            # where the time goes, and what the detector reads in the 4 best
     python benchmarks/first_command.py --write    # also replaces docs/demo_first_command.png (atomically)
 
 The command is read from the README's first ``bash`` block (``rudalle-pipe generate "..." [flags]``) and run
 through ``python -m rudalle_pipe`` in a temporary folder that is removed afterwards. The picture is the
 command's best 4 images (``image_000.png`` ... ``image_003.png``), side by side.
+
+Where the time goes: the wall time of the whole command, split by the stage timings the command writes into
+``results.json`` (load, generate, rerank, upscale, save); the rest is Python's start-up, imports and the
+argument checks. Also the wall time of ``rudalle-pipe --help`` (best of 3), which must not import torch.
 """
 from __future__ import annotations
 
@@ -55,6 +59,17 @@ def main() -> int:
         out = Path(tmp) / "out"
         record = json.loads((out / "results.json").read_text(encoding="utf-8"))
         best = [Image.open(out / f"image_{i:03d}.png").convert("RGB") for i in range(4)]
+    stages = record.get("timings_s", {})
+    staged = sum(v for k, v in stages.items() if k != "total")
+    print("where the time goes: " + ", ".join(
+        [f"start-up, imports and checks {seconds - stages.get('total', staged):.2f} s"]
+        + [f"{k} {v:.2f} s" for k, v in stages.items() if k != "total"]))
+    helps = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "rudalle_pipe", "--help"], capture_output=True, check=True)
+        helps.append(time.perf_counter() - start)
+    print(f"rudalle-pipe --help: {min(helps):.2f} s (best of 3)")
     text = next(a for a in argv if not a.startswith("-") and a != "generate")
     target = shapes.parse_caption(text)
     print(f"rudalle-pipe {shlex.join(argv)}: {seconds:.1f} s (with model loading), "

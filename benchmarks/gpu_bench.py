@@ -111,8 +111,10 @@ def original_step_ms(model, ids: torch.Tensor, position: int, timer: Timer) -> f
     S = model.total_seq_length
     mask = torch.tril(torch.ones((ids.shape[0], 1, S, S), device=ids.device))
     upto = model.text_seq_length + position
-    _, cache = model(ids[:, :upto], mask, use_cache=True, cache=None, return_loss=False)
-    ms = timer(lambda: model(ids[:, : upto + 1], mask, use_cache=True, cache=dict(cache), return_loss=False))
+    amp = torch.autocast("cuda", dtype=torch.float16, enabled=ids.device.type == "cuda")
+    with amp:  # its pb-relax softmax returns fp32 probabilities; autocast pairs them with fp16 values
+        _, cache = model(ids[:, :upto], mask, use_cache=True, cache=None, return_loss=False)
+        ms = timer(lambda: model(ids[:, : upto + 1], mask, use_cache=True, cache=dict(cache), return_loss=False))
     del cache, mask
     return ms
 

@@ -10,13 +10,15 @@ agree with torch to float rounding. Everything else runs through torch unchanged
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SMALL_ROWS", "PAIR_ROWS", "BLOCK_BYTES", "uses_numpy_blas", "linear", "matmul", "decoding_threads"]
+__all__ = ["SMALL_ROWS", "PAIR_ROWS", "BLOCK_BYTES", "uses_numpy_blas", "linear", "matmul", "decoding_threads",
+           "Int8Weight", "quantize_weight"]
 
 SMALL_ROWS = 64  # rows (batch x new positions) up to which decoding uses the numpy path
 PAIR_ROWS = 4  # up to this many rows, large weights are read from memory once, block by block (_few_rows)
@@ -48,7 +50,10 @@ def _few_rows(weight: np.ndarray, flat: np.ndarray) -> np.ndarray:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; while decoding on CPU (fp32, no autograd, at most ``SMALL_ROWS``
     rows) the product goes through numpy's BLAS instead (one row: sgemv; 2-``PAIR_ROWS`` rows with a
-    large weight: blocked sgemv, see :func:`_few_rows`; more: sgemm)."""
+    large weight: blocked sgemv, see :func:`_few_rows`; more: sgemm). An :class:`Int8Weight` (see
+    :func:`rudalle_pipe.quantize_int8`) goes through its int8 kernel."""
+    if isinstance(weight, Int8Weight):
+        return weight.linear(x, bias)
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if torch.is_grad_enabled() or weight.dtype != x.dtype or not uses_numpy_blas(x.device, x.dtype, rows):
         return F.linear(x, weight, bias)
@@ -61,6 +66,49 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+_INT8_KERNEL = getattr(torch, "_weight_int8pack_mm", None)  # PyTorch >= 2.3
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A quantized ``[out, in]`` weight: ``weight ~= q * scales[:, None]``.
+
+    ``q``: int8 ``[out, in]`` in ``[-127, 127]``; ``scales``: fp32 ``[out]``, > 0. Row slices
+    (``w[a:b]``) stay quantized, so code that takes part of an output head works unchanged.
+    """
+
+    q: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def __getitem__(self, rows) -> "Int8Weight":
+        return Int8Weight(self.q[rows], self.scales[rows])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The ``[out, in]`` weight in ``dtype``."""
+        return self.q.to(dtype) * self.scales.to(dtype)[:, None]
+
+    def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x [..., in] @ weight.T + bias`` in ``x``'s dtype, accumulated in floating point."""
+        if _INT8_KERNEL is not None and x.device.type == "cpu" and self.q.is_contiguous():
+            flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+            out = _INT8_KERNEL(flat, self.q, self.scales.to(torch.bfloat16)).to(x.dtype)  # (rows, out)
+            out = out.reshape(*x.shape[:-1], self.q.shape[0])
+            return out if bias is None else out + bias
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+
+def quantize_weight(weight: torch.Tensor) -> Int8Weight:
+    """Symmetric per-output-channel int8: ``scale = max|w_row| / 127``, ``q = round(w / scale)``."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
+    return Int8Weight(q, scales)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -76,8 +124,9 @@ def decoding_threads(model, rows: Optional[int]) -> Iterator[None]:
     """While decoding ``rows`` sequences of ``model`` (anything with ``.device`` and ``.dtype``) on CPU
     through the numpy path of :func:`linear`, run torch single-threaded so that its idle OpenMP workers
     do not spin against BLAS's threads (measured: 48 ms vs 16 ms per step for a hidden-2048 model on 2
-    cores). The previous thread count is restored afterwards. ``rows=None`` changes nothing."""
-    if rows is None or not uses_numpy_blas(model.device, model.dtype, rows):
+    cores). The previous thread count is restored afterwards. ``rows=None`` changes nothing, and so does a
+    quantized model (:func:`rudalle_pipe.quantize_int8`), whose products run in torch's own int8 kernel."""
+    if rows is None or not uses_numpy_blas(model.device, model.dtype, rows) or getattr(model, "quantization", None):
         yield
         return
     previous = torch.get_num_threads()

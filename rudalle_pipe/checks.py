@@ -9,6 +9,9 @@ from typing import Optional
 __all__ = ["check_int", "check_count", "check_float", "one_line", "MAX_IMAGES"]
 
 MAX_IMAGES = 4096  # upper bound of num_images in one call: 4096 Malevich images are hours on a GPU
+# Limits that the command line's help shows, kept here so that building the parser imports no torch:
+MAX_OUTPAINT_STEPS = 64  # one model call per step and per image; 64 steps of k=16 is a 32x wide panorama
+TRAINABLE_PARTS = ("all", "attention", "mlp", "layernorm", "embeddings", "head")  # finetune(train=...)
 
 
 def check_int(name: str, value: object, *, low: int = 1, high: Optional[int] = None) -> int:

@@ -89,7 +89,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def add_finetune(subparsers, common: argparse.ArgumentParser) -> None:
     from .cli import DTYPES
-    from .finetune import TRAINABLE_PARTS
+    from .checks import TRAINABLE_PARTS
 
     p = subparsers.add_parser(
         "finetune", parents=[common], help="teach a generator your own pictures",

@@ -97,9 +97,8 @@ def cmd_outpaint(args: argparse.Namespace) -> int:
 
 
 def add_outpaint(subparsers, common: argparse.ArgumentParser) -> None:
-    from .checks import MAX_IMAGES
+    from .checks import MAX_IMAGES, MAX_OUTPAINT_STEPS
     from .cli import DEFAULT_TOP_K, DTYPES
-    from .inpaint import MAX_OUTPAINT_STEPS
 
     p = subparsers.add_parser(
         "outpaint", parents=[common], help="extend a picture to the right or downwards",

@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import files
-from .checks import check_float, check_int
+from .checks import TRAINABLE_PARTS, check_float, check_int
 from .dalle import DalleModel
 from .tokenizer import YTTMTokenizer
 from .train.common import MAX_STEPS
@@ -64,7 +64,6 @@ __all__ = ["FinetuneConfig", "FinetuneResult", "TRAINABLE_PARTS", "IMAGE_SUFFIXE
            "prepare_image", "encode_pairs", "select_trainable", "add_lora", "merge_lora", "dataset_loss", "estimate_memory",
            "MAX_STEPS", "MAX_BATCH_SIZE", "MAX_LORA_RANK", "MAX_KEEP_CHECKPOINTS"]
 
-TRAINABLE_PARTS = ("all", "attention", "mlp", "layernorm", "embeddings", "head")
 _LORA_TARGETS = {"attention": ("query_key_value", "dense"), "mlp": ("dense_h_to_4h", "dense_4h_to_h")}
 MAX_BATCH_SIZE = 4096  # pairs per step
 MAX_LORA_RANK = 1024  # LoRA rank (the large models are 2048 wide; a rank near that is full finetuning)
@@ -261,8 +260,9 @@ def estimate_memory(model_config: Any, config: FinetuneConfig, *, weights_dtype:
     gradient ``2 * 4 * b * L * V``. The parameters are counted on the meta device (nothing is allocated).
     """
     from .dalle import DalleModel
+    from .hub import on_meta
 
-    with torch.device("meta"):
+    with on_meta():
         model = DalleModel(model_config)
         select_trainable(model, config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

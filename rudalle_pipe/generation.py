@@ -215,8 +215,8 @@ def generate_images(
             positions 0; feed it to :func:`preview_images`. Returning ``False`` or raising
             :class:`GenerationCancelled` cancels; other exceptions propagate unchanged.
         callback_steps: in ``[1, image_seq_length]``; only with a callback.
-        decoder: how a cached step runs: ``"auto"`` (default: ``"static"`` on CUDA, ``"dynamic"``
-            elsewhere), ``"dynamic"`` (attention over the positions so far; the CPU path) or
+        decoder: how a cached step runs: ``"auto"`` (default: ``"static"`` on CUDA and for bf16/fp16
+            models, ``"dynamic"`` for fp32 on CPU), ``"dynamic"`` (attention over the positions so far; the CPU path) or
             ``"static"`` (fixed shapes, replayed as one CUDA graph per batch on a GPU; see
             :mod:`rudalle_pipe.static_decode`). Same distribution; logits differ by rounding only.
 
@@ -239,7 +239,7 @@ def generate_images(
                         num_images=num_images, batch_size=batch_size, seed=seed)
     total = check_int("len(text) * num_images", len(prompts) * num_images, high=MAX_IMAGES)
     check_float("guidance_scale", guidance_scale, low=0, high=MAX_GUIDANCE, low_open=True)
-    resolve_decoder(decoder, dalle.device, use_cache)
+    resolve_decoder(decoder, dalle.device, use_cache, dalle.dtype)
     if negative_prompt is not None:
         if not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")

@@ -356,6 +356,9 @@ def save_pretrained(
     """
     from huggingface_hub import save_torch_state_dict
 
+    if getattr(module, "quantization", None):
+        raise ValueError(f"this model holds {module.quantization} weights, made for generation only; save the model "
+                         "before quantizing it (quantize after loading)")
     directory = Path(directory)
     if directory.exists() and not (directory.is_dir() and not any(directory.iterdir())):
         existing = sorted(p.name for p in directory.glob("*.safetensors*")) if directory.is_dir() else []
@@ -461,6 +464,30 @@ def weight_files(directory: str | os.PathLike, *, sandbox: str | os.PathLike | N
     return files
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                   "xavier_normal_", "orthogonal_", "constant_", "ones_", "zeros_")
+
+
+@contextlib.contextmanager
+def on_meta() -> Iterator[None]:
+    """Build modules on the meta device without their random initialisation (``torch.nn.init`` does nothing
+    meanwhile): the weights are loaded right after, and initialising meta tensors goes through PyTorch's
+    reference decompositions, whose first use imports ``torch._dynamo`` (1-2 s of start-up, for nothing)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
+    for name in saved:
+        setattr(torch.nn.init, name, _keep)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+
+
+def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
+
+
 def load_pretrained(
     module_cls: type[M], config_cls: type, directory: str | os.PathLike, *, model_type: str,
     device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32,
@@ -477,7 +504,7 @@ def load_pretrained(
     state_dict: dict[str, torch.Tensor] = {}
     for path in weight_files(directory, sandbox=sandbox):
         state_dict.update(read_checkpoint(path))
-    with torch.device("meta"):
+    with on_meta():
         module = module_cls(config)
     load_state_dict_lazily(module, state_dict, what=str(directory), dtype=dtype, device=device)
     return module.eval()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checks import MAX_IMAGES, check_count, check_int
+from .checks import MAX_IMAGES, MAX_OUTPAINT_STEPS, check_count, check_int
 from .generation import check_sampling_args, generate_images, seeds_for
 from .image_prompts import ImagePrompt, MaskLike, _check_pil, _encode, _grid_side, keep_pixels
 from .images import check_images, images_to_tensor, prepare_image
@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["paste_back", "outpaint", "OutpaintOutput", "MAX_FEATHER", "MAX_OUTPAINT_STEPS"]
 
 MAX_FEATHER = 32  # px; 4 codes at 256 px: wider blends smear generated detail for no visible gain
-MAX_OUTPAINT_STEPS = 64  # one model call per step and per image; 64 steps of k=16 is a 32x wide panorama
 
 
 # ------------------------------------------------------------------------------------- paste-back

@@ -16,7 +16,8 @@ from typing import Any, Optional
 import torch
 
 from .dalle import DalleConfig, DalleModel, convert_rudalle_state_dict
-from .hub import WeightsNotFoundError, download, load_state_dict_lazily, offline_if_unreachable, read_checkpoint
+from .hub import (WeightsNotFoundError, download, load_state_dict_lazily, offline_if_unreachable, on_meta,
+                  read_checkpoint)
 from .registry import get_pretrained, list_pretrained, local_folder
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def _load_dalle_file(path: Path, config: DalleConfig, *, device, dtype) -> Dalle
     if not isinstance(raw, dict):
         raise ValueError(f"{path} does not hold a state dict but a {type(raw).__name__}")
     state_dict = convert_rudalle_state_dict(raw, config)
-    with torch.device("meta"):
+    with on_meta():
         model = DalleModel(config)
     load_state_dict_lazily(model, state_dict, what=str(path), dtype=dtype, device=device)
     return model.eval()

@@ -20,10 +20,11 @@ __all__ = ["row_mask", "col_mask", "conv_mask", "layer_mask_kinds", "build_masks
 
 
 def _image_grid(text_tokens: int, image_tokens_per_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (causal [S, S] bool, image-pair [S, S] bool) for S = text + n*n positions."""
+    """Return (causal [S, S] bool, image-pair [S, S] bool) for S = text + n*n positions, always on the CPU
+    (also inside a ``torch.device("meta")`` context: the loaders replace them with the stored masks)."""
     size = text_tokens + image_tokens_per_dim**2
-    causal = torch.ones(size, size, dtype=torch.bool).tril_()
-    is_image = torch.arange(size) >= text_tokens
+    causal = torch.ones(size, size, dtype=torch.bool, device="cpu").tril_()
+    is_image = torch.arange(size, device="cpu") >= text_tokens
     both_image = is_image[:, None] & is_image[None, :]  # (S, S): query and key are image tokens
     return causal, both_image
 
@@ -31,7 +32,7 @@ def _image_grid(text_tokens: int, image_tokens_per_dim: int) -> tuple[torch.Tens
 def row_mask(text_tokens: int, image_tokens_per_dim: int) -> torch.Tensor:
     """Causal mask whose image queries see all text and the previous ``n`` image tokens."""
     causal, both_image = _image_grid(text_tokens, image_tokens_per_dim)
-    pos = torch.arange(causal.shape[0])
+    pos = torch.arange(causal.shape[0], device="cpu")
     dist = pos[:, None] - pos[None, :]  # (S, S) query - key
     return causal & ~(both_image & (dist > image_tokens_per_dim))
 
@@ -39,7 +40,7 @@ def row_mask(text_tokens: int, image_tokens_per_dim: int) -> torch.Tensor:
 def col_mask(text_tokens: int, image_tokens_per_dim: int) -> torch.Tensor:
     """Causal mask whose image queries see all text and earlier image tokens of their column."""
     causal, both_image = _image_grid(text_tokens, image_tokens_per_dim)
-    pos = torch.arange(causal.shape[0])
+    pos = torch.arange(causal.shape[0], device="cpu")
     dist = pos[:, None] - pos[None, :]
     return causal & ~(both_image & (dist % image_tokens_per_dim != 0))
 
@@ -57,7 +58,7 @@ def conv_mask(
         raise ValueError(f"hf_version must be 'v2' or 'v3', got {hf_version!r}")
     causal, both_image = _image_grid(text_tokens, image_tokens_per_dim)
     n, shift = image_tokens_per_dim, kernel // 2
-    cell = (torch.arange(causal.shape[0]) - text_tokens).clamp(min=0)
+    cell = (torch.arange(causal.shape[0], device="cpu") - text_tokens).clamp(min=0)
     rows, cols = cell // n, cell % n
     d_row = (rows[:, None] - rows[None, :]).abs()  # (S, S)
     d_col = (cols[:, None] - cols[None, :]).abs()

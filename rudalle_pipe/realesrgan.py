@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from rudalle_pipe.hub import download, load_state_dict_lazily, read_checkpoint
+from rudalle_pipe.hub import download, load_state_dict_lazily, on_meta, read_checkpoint
 from rudalle_pipe.images import check_images
 from rudalle_pipe.checks import check_int
 from rudalle_pipe.registry import PRETRAINED
@@ -251,7 +251,7 @@ def load_rrdbnet(
     if config is None:
         config = infer_rrdbnet_config(state_dict)
         logger.info("inferred %s from %s", config, path)
-    with torch.device("meta"):
+    with on_meta():
         model = RRDBNet(config)
     load_state_dict_lazily(model, state_dict, what=str(path), dtype=dtype, device=device)
     return model.eval()

@@ -192,7 +192,7 @@ def sample_codes(
             every ``callback_steps``-th position of each batch and after its last one.
         decoder: ``"dynamic"`` (attend over the positions so far), ``"static"`` (fixed shapes; on
             CUDA one captured graph per batch, see :mod:`rudalle_pipe.static_decode`) or ``"auto"``
-            (static on CUDA, dynamic elsewhere). Both sample the same distribution; their logits
+            (static on CUDA and for bf16/fp16 models, dynamic for fp32 on CPU). Both sample the same distribution; their logits
             differ by float rounding only.
 
     Returns:
@@ -214,7 +214,7 @@ def sample_codes(
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as fn(step, total_steps, codes), got {type(callback).__name__}")
     check_int("callback_steps", callback_steps, low=1, high=n_img)
-    decoder = resolve_decoder(decoder, device, use_cache)
+    decoder = resolve_decoder(decoder, device, use_cache, dalle.dtype)
     if callback is None and callback_steps != 1:
         raise ValueError(f"callback_steps={callback_steps} has no effect without a callback")
     text_ids = _per_row(text_ids, len(seeds), T, "text_ids").to(device)

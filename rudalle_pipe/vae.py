@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .hub import load_state_dict_lazily, read_checkpoint
+from .hub import load_state_dict_lazily, on_meta, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -497,7 +497,7 @@ def load_vqgan(
             message lists every missing, unexpected and mis-shaped key).
     """
     state = convert_vqgan_state_dict(read_checkpoint(path), config)
-    with torch.device("meta"):
+    with on_meta():
         model = VQGAN(config)
     load_state_dict_lazily(model, state, what=str(path), dtype=dtype, device=device)
     logger.info("loaded VQGAN%s from %s (%s, %s)", " with DWT decoder" if config.dwt else "", path, device,
