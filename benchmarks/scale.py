@@ -98,7 +98,7 @@ def worker(fmt: str, weights: str, batches: list, positions: list, reps: int, fu
     from rudalle_pipe import get_rudalle_model
     from rudalle_pipe.quantize import quantize_int8
     from rudalle_pipe.sampling import decoding_threads, sample_codes
-    from rudalle_pipe.static_decode import StaticDecoder, resolve_decoder
+    from rudalle_pipe.static_decode import BUCKET, StaticDecoder, resolve_decoder
 
     start = time.perf_counter()
     dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
@@ -141,7 +141,8 @@ def worker(fmt: str, weights: str, batches: list, positions: list, reps: int, fu
                     else:
                         cells[P] = median_ms(lambda: model(token[:, None], past_key_values=cache, use_cache=True,
                                                            image_logits_only=True, last_only=True), reps, reset)
-                attended = cfg.total_seq_length if decoder == "static" else length + 1
+                attended = min(cfg.total_seq_length, -(-(length + 1) // BUCKET) * BUCKET) if decoder == "static" \
+                    else length + 1  # the static step without a graph spans whole buckets
                 kv_bytes = 2 * cfg.num_layers * B * attended * cfg.hidden_size * kv_elt
                 bound[P] = (weight_bytes + kv_bytes) / bandwidth * 1e3
                 print(f"  {fmt} batch {B} position {P}: {cells[P]:.1f} ms (bound {bound[P]:.1f} ms)",
