@@ -20,11 +20,13 @@ __all__ = ["row_mask", "col_mask", "conv_mask", "layer_mask_kinds", "build_masks
 
 
 def _image_grid(text_tokens: int, image_tokens_per_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (causal [S, S] bool, image-pair [S, S] bool) for S = text + n*n positions, always on the CPU
-    (also inside a ``torch.device("meta")`` context: the loaders replace them with the stored masks)."""
+    """Return (causal [S, S] bool, image-pair [S, S] bool) for S = text + n*n positions, on the default device,
+    but on the CPU inside a ``torch.device("meta")`` context (the loaders replace them with the stored masks)."""
     size = text_tokens + image_tokens_per_dim**2
-    causal = torch.ones(size, size, dtype=torch.bool, device="cpu").tril_()
-    is_image = torch.arange(size, device="cpu") >= text_tokens
+    device = torch.empty(0).device  # the default device (a `with torch.device(...)` context), but never meta
+    device = torch.device("cpu") if device.type == "meta" else device
+    causal = torch.ones(size, size, dtype=torch.bool, device=device).tril_()
+    is_image = torch.arange(size, device=device) >= text_tokens
     both_image = is_image[:, None] & is_image[None, :]  # (S, S): query and key are image tokens
     return causal, both_image
 
@@ -32,7 +34,7 @@ def _image_grid(text_tokens: int, image_tokens_per_dim: int) -> tuple[torch.Tens
 def row_mask(text_tokens: int, image_tokens_per_dim: int) -> torch.Tensor:
     """Causal mask whose image queries see all text and the previous ``n`` image tokens."""
     causal, both_image = _image_grid(text_tokens, image_tokens_per_dim)
-    pos = torch.arange(causal.shape[0], device="cpu")
+    pos = torch.arange(causal.shape[0], device=causal.device)
     dist = pos[:, None] - pos[None, :]  # (S, S) query - key
     return causal & ~(both_image & (dist > image_tokens_per_dim))
 
@@ -40,7 +42,7 @@ def row_mask(text_tokens: int, image_tokens_per_dim: int) -> torch.Tensor:
 def col_mask(text_tokens: int, image_tokens_per_dim: int) -> torch.Tensor:
     """Causal mask whose image queries see all text and earlier image tokens of their column."""
     causal, both_image = _image_grid(text_tokens, image_tokens_per_dim)
-    pos = torch.arange(causal.shape[0], device="cpu")
+    pos = torch.arange(causal.shape[0], device=causal.device)
     dist = pos[:, None] - pos[None, :]
     return causal & ~(both_image & (dist % image_tokens_per_dim != 0))
 
@@ -58,7 +60,7 @@ def conv_mask(
         raise ValueError(f"hf_version must be 'v2' or 'v3', got {hf_version!r}")
     causal, both_image = _image_grid(text_tokens, image_tokens_per_dim)
     n, shift = image_tokens_per_dim, kernel // 2
-    cell = (torch.arange(causal.shape[0], device="cpu") - text_tokens).clamp(min=0)
+    cell = (torch.arange(causal.shape[0], device=causal.device) - text_tokens).clamp(min=0)
     rows, cols = cell // n, cell % n
     d_row = (rows[:, None] - rows[None, :]).abs()  # (S, S)
     d_col = (cols[:, None] - cols[None, :]).abs()

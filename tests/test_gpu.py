@@ -195,6 +195,22 @@ def test_race_draw_is_multinomial():
         assert torch.equal(race_draw(probs, gens), want)
 
 
+@pytest.mark.parametrize("device", ["meta", "cpu", CUDA])
+def test_masks_follow_the_default_device(device):
+    """Built under ``with torch.device(...)``, the masks sit on that device (the loaders' meta build keeps
+    them on the CPU, since meta tensors hold no values)."""
+    from rudalle_pipe import DalleConfig, DalleModel
+
+    with torch.device(device):
+        model = DalleModel(DalleConfig(num_layers=1, hidden_size=32, num_attention_heads=4, vocab_size=300,
+                                       image_vocab_size=50, text_seq_length=8, image_tokens_per_dim=4))
+    want = "cpu" if device == "meta" else device
+    assert {model.get_mask(k).device.type for k in ("row", "col", "conv")} == {want}
+    if device != "meta":
+        with torch.inference_mode():
+            assert model.eval()(torch.ones(2, 12, dtype=torch.long, device=device)).logits.shape == (2, 12, 350)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_demo_chain_on_cuda():
