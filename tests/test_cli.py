@@ -272,6 +272,7 @@ def test_help_and_missing_verb(capsys):
     assert code == EXIT_USAGE and stderr.count("\n") == 1 and "COMMAND" in stderr
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point(bare_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     out = tmp_path / "out"

@@ -9,17 +9,17 @@ import sys
 import pytest
 from PIL import Image
 
-from rudalle_pipe import load_pipeline, shapes
+from rudalle_pipe import cherry_pick_by_clip, generate_images, load_pipeline, shapes
 from rudalle_pipe.pipeline import BUNDLED_DIR
 
 README_PROMPT = "большой красный круг в центре на сером фоне"
-# fixed prompts: the README's, three more seen combinations (one a small star, the hardest shape for the
-# 8 x 8-code VQGAN) and one held-out (colour, shape) pair. benchmarks/demo_quality.py measures the rates
-# (held-out CLIP top-1: 90-96% over seeds 0-2, so not every held-out prompt passes with seed 0:
-# "большой синий круг справа на белом фоне" gets a blue square as its top-1).
-PROMPTS = (README_PROMPT, "большая зелёная звезда слева на белом фоне",
-           "на чёрном фоне большой фиолетовый квадрат снизу", "маленькая жёлтая звезда справа на синем фоне",
-           "большой жёлтый ромб сверху на чёрном фоне")
+# The quality of the demo is a rate, never one lucky sample: benchmarks/demo_quality.py --seeds 0 1 2 measured
+# the CLIP top-1 of 16 candidates (unguided) right in all five attributes for 84.0% of seen and 83.3% of
+# held-out prompts (48 each). The test below draws RATE_PROMPTS fresh prompts per split (other seeds than the
+# benchmark's) and requires RATE_BOUND of them: about three standard deviations of a 16-prompt sample
+# (sqrt(0.84 * 0.16 / 16) = 9 points) below the measured rate. A generator that ignored the text would get
+# almost none right (one scene in 1600), and a reranker that picked at random about 60%.
+RATE_PROMPTS, RATE_BOUND, CANDIDATES = 16, 0.56, 16
 
 
 def test_demo_ships_inside_the_package_within_30_mb():
@@ -40,21 +40,37 @@ def test_demo_loads_offline(monkeypatch):
     assert pipe.tokenizer.encode_text(README_PROMPT, 20).shape == (20,)
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_cli_default_model_follows_the_text(prompt, tmp_path):
-    """`rudalle-pipe generate TEXT` (no --model: the demo) writes 4 upscaled pictures; the best one shows
-    the scene of the text, every attribute right."""
+@pytest.mark.slow
+def test_cli_default_model_writes_the_chain_cleanly(tmp_path):
+    """`rudalle-pipe generate TEXT` (no --model: the demo) writes 4 upscaled pictures, a contact sheet and
+    results.json, with nothing on stderr; whether the pictures follow the text is the rate test below."""
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "rudalle_pipe", "generate", prompt, "--num-images", "16",
+    done = subprocess.run([sys.executable, "-m", "rudalle_pipe", "generate", README_PROMPT, "--num-images", "16",
                            "--rerank", "4", "--seed", "0", "--out", str(out), "--no-progress"],
                           capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # no stray log line (e.g. open_clip's "initialized randomly" before the weights load)
     results = json.loads((out / "results.json").read_text("utf-8"))
-    assert results["model"] == "demo"
+    assert results["model"] == "demo" and [im["rank"] for im in results["images"]] == [1, 2, 3, 4]
     images = [Image.open(out / f"image_{i:03d}.png") for i in range(4)]
     assert all(im.size == (256, 256) for im in images) and (out / "contact_sheet.png").is_file()
-    target = shapes.parse_caption(prompt)
-    found = shapes.detect(images[0])
-    assert shapes.attribute_matches(found, target) == dict.fromkeys(shapes.attribute_matches(target, target), True), \
-        f"{prompt!r}: detected {found}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_clip_top1_follows_the_text_at_the_measured_rate(split):
+    """For RATE_PROMPTS prompts of the split (seen pairs, or held-out (colour, shape) pairs), the CLIP top-1
+    of CANDIDATES unguided candidates (the CLI's defaults) has all five attributes right in at least
+    RATE_BOUND of them (see the comment at the top for the bound)."""
+    pipe = load_pipeline("demo")
+    right, wrong = 0, []
+    for i in range(RATE_PROMPTS):
+        example = shapes.make_example(7_000_000 + i, split)  # not the benchmark's seeds
+        out = generate_images(example["caption"], pipe.tokenizer, pipe.dalle, pipe.vae, top_k=pipe.vae.num_tokens,
+                              top_p=0.995, num_images=CANDIDATES, seed=1000 * i, progress=False)
+        best = cherry_pick_by_clip(out.images, example["caption"], pipe.clip, top_n=1, progress=False).images[0]
+        if all(shapes.attribute_matches(shapes.detect(best), example["scene"]).values()):
+            right += 1
+        else:
+            wrong.append(example["caption"])
+    assert right >= RATE_BOUND * RATE_PROMPTS, f"{right}/{RATE_PROMPTS} right; wrong: {wrong}"

@@ -64,6 +64,7 @@ def _images_shown(nb_path: Path) -> int:
     return sum("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
 
 
+@pytest.mark.slow
 def test_quickstart_runs(tmp_path, monkeypatch):
     printed = _run("quickstart.ipynb", tmp_path, monkeypatch)
     assert f"model: {MODEL}, device: cpu" in printed
@@ -72,6 +73,7 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     assert _images_shown(tmp_path / "quickstart.ipynb") == 3  # candidates, best 4, upscaled
 
 
+@pytest.mark.slow
 def test_demo_offline_runs(tmp_path, monkeypatch):
     printed = _run("demo_offline.ipynb", tmp_path, monkeypatch)
     assert printed.count("all attributes right in") == 8
@@ -80,6 +82,7 @@ def test_demo_offline_runs(tmp_path, monkeypatch):
     assert "x4 of the best 4" in printed
 
 
+@pytest.mark.slow
 def test_finetune_runs_and_lowers_the_loss(tmp_path, monkeypatch):
     printed = _run("finetune.ipynb", tmp_path, monkeypatch)
     assert re.search(r"LoRA r=16 attention\+MLP, checkpointing\s+\d+\.\d M\s+\d+\.\d\s+fits", printed)
@@ -89,6 +92,7 @@ def test_finetune_runs_and_lowers_the_loss(tmp_path, monkeypatch):
     assert "after: colour right" in printed
 
 
+@pytest.mark.slow
 def test_image_prompts_runs_and_checks_its_results(tmp_path, monkeypatch):
     printed = _run("image_prompts.ipynb", tmp_path, monkeypatch)  # its cells assert kept codes and pixels
     assert "kept 16 of 64 codes; input, then 4 results" in printed  # the top quarter of the 8x8 grid

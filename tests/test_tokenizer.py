@@ -163,10 +163,12 @@ def check_parity(model_path: Path, seed: int, n_texts: int) -> None:
         assert ours.decode_text(ids) == want
 
 
+@pytest.mark.slow
 def test_parity_with_youtokentome_fixture_model(fixture_model: Path) -> None:
     check_parity(fixture_model, seed=0, n_texts=10_000)
 
 
+@pytest.mark.slow
 def test_parity_with_youtokentome_trained_model(trained_model: Path) -> None:
     check_parity(trained_model, seed=1, n_texts=10_000)
 
