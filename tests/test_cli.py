@@ -47,7 +47,7 @@ def snapshot(directory: Path) -> dict:
 def test_generate_end_to_end(pipe_dir, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["generate", TEXT, "--model", pipe_dir, "--num-images", 3, "--rerank", 2, "--upscale", "x4",
-            "--seed", 1, "--out", out, "--no-progress"]
+            "--seed", 1, "--out", out, "--no-progress", "--device", "cpu"]  # recorded below: not the default
     code, stdout, stderr = run(capsys, *argv)
     assert code == 0, stderr
     assert stderr == ""
@@ -184,7 +184,8 @@ def test_hub_model_loads_the_requested_upscaler(pipe_dir, tmp_path, capsys, monk
     monkeypatch.setattr(rudalle_pipe.pipeline, "load_pipeline", fake_load)
     out = tmp_path / "out"
     code, _, stderr = run(capsys, "generate", TEXT, "--model", "Malevich", "--top-k", 50, "--num-images", 1,
-                          "--rerank", 0, "--upscale", "x8", "--out", out, "--no-progress", "--cache-dir", tmp_path)
+                          "--rerank", 0, "--upscale", "x8", "--out", out, "--no-progress", "--cache-dir", tmp_path,
+                          "--device", "cpu")  # asserted below, so not left to the machine's default
     assert code == 0, stderr
     assert calls == [("Malevich", {"device": "cpu", "dtype": torch.float32, "cache_dir": str(tmp_path),
                                    "clip": False, "upscaler": "x8"})]
