@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT, add_to_hub_cache
+from rudalle_pipe import contact_sheet
 from rudalle_pipe.cli import EXIT_FAILURE, EXIT_USAGE, main
 from rudalle_pipe.pipeline import load_pipeline, save_pipeline
 from tiny import SIDE, tiny_pipeline
@@ -94,8 +95,16 @@ def test_generate_end_to_end(pipe_dir, tmp_path, capsys):
             assert saved.format == "PNG" and saved.size == (4 * SIZE, 4 * SIZE)
             expected = super_resolution([gen.images[im["index"]]], pipe.upscaler, progress=False)[0]
             assert np.array_equal(np.asarray(saved), np.asarray(expected))
-    with Image.open(out / "contact_sheet.png") as sheet:  # 3 candidates: 2 per row, 2 px margins
-        assert sheet.size == (2 * SIZE + 3 * 2, 2 * SIZE + 3 * 2)
+    with Image.open(out / "contact_sheet.png") as sheet:  # 3 candidates, 2 per row, each at least 256 px
+        cell, pad, band = contact_sheet.cell_side(SIZE), contact_sheet.PADDING, contact_sheet.LABEL_HEIGHT
+        assert cell >= 256 and sheet.size == (2 * cell + 3 * pad, 2 * (cell + band) + 3 * pad)
+        pixels = np.asarray(sheet.convert("RGB"))
+    for k in range(3):  # candidate k, in index order, enlarged by whole pixels
+        top, left = pad + (k // 2) * (cell + band + pad), pad + (k % 2) * (cell + pad)
+        expected = np.asarray(gen.images[k].resize((cell, cell), Image.NEAREST))
+        assert np.array_equal(pixels[top:top + cell, left:left + cell], expected)
+    top, left = pad + cell + band + pad, pad + cell + pad  # the fourth cell is empty: neutral grey
+    assert (pixels[top:top + cell + band, left:left + cell] == contact_sheet.BACKGROUND).all()
 
     # a second run refuses before doing any work and leaves every file alone
     before = snapshot(out)
