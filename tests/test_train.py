@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import import_reference
 from rudalle_pipe.hub import save_pretrained
 from rudalle_pipe.tokenizer import YTTMTokenizer
 from rudalle_pipe.train import dalle as dalle_stage
@@ -62,7 +63,7 @@ def test_scene_enumeration_and_batches():
 
 
 def test_bpe_matches_youtokentome(tmp_path):
-    yttm = pytest.importorskip("youtokentome")
+    yttm = import_reference("youtokentome")
     texts = _captions()
     path = train_bpe(texts, 90, tmp_path / "bpe.model")
     ours = YTTMTokenizer.from_file(path)
