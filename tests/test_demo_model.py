@@ -13,13 +13,17 @@ from rudalle_pipe import cherry_pick_by_clip, generate_images, load_pipeline, sh
 from rudalle_pipe.pipeline import BUNDLED_DIR
 
 README_PROMPT = "большой красный круг в центре на сером фоне"
-# The quality of the demo is a rate, never one lucky sample: benchmarks/demo_quality.py --seeds 0 1 2 measured
-# the CLIP top-1 of 16 candidates (unguided) right in all five attributes for 84.0% of seen and 83.3% of
-# held-out prompts (48 each). The test below draws RATE_PROMPTS fresh prompts per split (other seeds than the
-# benchmark's) and requires RATE_BOUND of them: about three standard deviations of a 16-prompt sample
-# (sqrt(0.84 * 0.16 / 16) = 9 points) below the measured rate. A generator that ignored the text would get
-# almost none right (one scene in 1600), and a reranker that picked at random about 60%.
-RATE_PROMPTS, RATE_BOUND, CANDIDATES = 16, 0.56, 16
+# The quality of the demo is a rate, never one lucky sample. benchmarks/demo_quality.py --seeds 0 1 2 measured
+# the CLIP top-1 of 16 unguided candidates right in all five attributes for 84.0% of seen and 83.3% of
+# held-out prompts (48 each), and one random candidate for 63.2% / 57.6%. The test below draws 16 fresh
+# prompts per split (other seeds than the benchmark's; 32 in all) and requires
+# * CLIP top-1 right for at least RATE_BOUND of them: three standard deviations of a 32-prompt sample
+#   (sqrt(0.84 * 0.16 / 32) = 6.5 points) below the measured 84%; a generator that ignored the text gets
+#   almost none right (one scene in 1600);
+# * reranking to help: CLIP's top-1 right for at least RERANK_GAIN more prompts than candidate 0 (what
+#   a reranker that kept the generation order would show; a random reranker is the same in expectation).
+# Measured on these 32 prompts: CLIP top-1 29 right (16 seen, 13 held-out), candidate 0 23 right.
+PROMPTS_PER_SPLIT, RATE_BOUND, RERANK_GAIN, CANDIDATES = 16, 0.65, 3, 16
 
 
 def test_demo_ships_inside_the_package_within_30_mb():
@@ -57,20 +61,23 @@ def test_cli_default_model_writes_the_chain_cleanly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("split", ["train", "heldout"])
-def test_clip_top1_follows_the_text_at_the_measured_rate(split):
-    """For RATE_PROMPTS prompts of the split (seen pairs, or held-out (colour, shape) pairs), the CLIP top-1
-    of CANDIDATES unguided candidates (the CLI's defaults) has all five attributes right in at least
-    RATE_BOUND of them (see the comment at the top for the bound)."""
+def test_clip_top1_follows_the_text_at_the_measured_rate():
+    """Seen and held-out prompts, CANDIDATES unguided candidates each (the CLI's defaults), reranked by the
+    demo CLIP; the bounds are explained at the top of this file."""
     pipe = load_pipeline("demo")
-    right, wrong = 0, []
-    for i in range(RATE_PROMPTS):
-        example = shapes.make_example(7_000_000 + i, split)  # not the benchmark's seeds
-        out = generate_images(example["caption"], pipe.tokenizer, pipe.dalle, pipe.vae, top_k=pipe.vae.num_tokens,
-                              top_p=0.995, num_images=CANDIDATES, seed=1000 * i, progress=False)
-        best = cherry_pick_by_clip(out.images, example["caption"], pipe.clip, top_n=1, progress=False).images[0]
-        if all(shapes.attribute_matches(shapes.detect(best), example["scene"]).values()):
-            right += 1
-        else:
-            wrong.append(example["caption"])
-    assert right >= RATE_BOUND * RATE_PROMPTS, f"{right}/{RATE_PROMPTS} right; wrong: {wrong}"
+    clip_right, first_right, wrong = 0, 0, []
+    for split in ("train", "heldout"):
+        for i in range(PROMPTS_PER_SPLIT):
+            example = shapes.make_example(7_000_000 + i, split)  # not the benchmark's seeds
+            out = generate_images(example["caption"], pipe.tokenizer, pipe.dalle, pipe.vae,
+                                  top_k=pipe.vae.num_tokens, top_p=0.995, num_images=CANDIDATES, seed=1000 * i,
+                                  progress=False)
+            best = cherry_pick_by_clip(out.images, example["caption"], pipe.clip, top_n=1, progress=False).images[0]
+            right = [all(shapes.attribute_matches(shapes.detect(image), example["scene"]).values())
+                     for image in (best, out.images[0])]
+            clip_right, first_right = clip_right + right[0], first_right + right[1]
+            if not right[0]:
+                wrong.append(example["caption"])
+    total = 2 * PROMPTS_PER_SPLIT
+    assert clip_right >= RATE_BOUND * total, f"CLIP top-1 right for {clip_right}/{total}; wrong: {wrong}"
+    assert clip_right >= first_right + RERANK_GAIN, (clip_right, first_right)
