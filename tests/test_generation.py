@@ -152,7 +152,7 @@ def test_generate_images_end_to_end(pipeline):
     assert torch.allclose(torch.tensor(out.perplexities), ce.exp().mean(dim=1), rtol=1e-5, atol=0)
     with torch.no_grad():  # and each image is the VQGAN's decoding of its codes
         decoded = vae.decode(out.codes)  # (3, 3, H, W) in [0, 1]
-    pixels = torch.stack([torch.from_numpy(np.asarray(im)) for im in out.images]).permute(0, 3, 1, 2)
+    pixels = torch.stack([torch.from_numpy(np.array(im)) for im in out.images]).permute(0, 3, 1, 2)
     assert (pixels.float() - decoded * 255).abs().max() <= 1.0
     # text is lowercased and stripped like the original pipeline
     same = generate_images("рыжий котик", tokenizer, dalle, vae, top_k=20, top_p=0.99, num_images=1,
