@@ -2,9 +2,15 @@
 
 Keeping the sources here keeps the notebooks reviewable as code and free of stored outputs; a test
 checks that the committed ``.ipynb`` files match this script.
+
+**Where the project lives** is :data:`REPO_URL`, the one place to change it: the Colab badges, the
+install cells and ``setup.cfg``'s ``url`` all come from it (``python notebooks/build.py`` rewrites that
+line of setup.cfg too, and a test checks that they agree). The PyPI name comes from ``setup.cfg``.
 """
 from __future__ import annotations
 
+import configparser
+import re
 import sys
 from pathlib import Path
 
@@ -12,25 +18,39 @@ import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
-REPO = "https://github.com/rudalle-pipe/rudalle_pipe"  # where the project is published
+SETUP_CFG = HERE.parent / "setup.cfg"
+REPO_URL = "https://github.com/rudalle-pipe/rudalle_pipe"  # THE place to change where the project is published
+
+
+def _pypi_name() -> str:
+    config = configparser.ConfigParser()
+    config.read(SETUP_CFG, encoding="utf-8")
+    return config["metadata"]["name"]
+
+
+PYPI_NAME = _pypi_name()  # the name the package is (to be) published under on PyPI
 
 
 def badge(name: str) -> str:
-    url = f"https://colab.research.google.com/github/{REPO.removeprefix('https://github.com/')}/blob/main/notebooks/{name}"
+    url = f"https://colab.research.google.com/github/{REPO_URL.removeprefix('https://github.com/')}/blob/main/notebooks/{name}"
     return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
 
 
-INSTALL = f'''# Install the package from the repository (skipped where it is already installed, e.g. in CI).
+INSTALL = f'''# Install the package where it is missing (in CI it is already installed): from PyPI by its name,
+# else (not published there yet) from the repository.
 import importlib.util
 import subprocess
 import sys
 
 if importlib.util.find_spec("rudalle_pipe") is None:
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "rudalle-pipe[train] @ git+{REPO}"])'''
+    pip = [sys.executable, "-m", "pip", "install", "-q"]
+    if subprocess.call(pip + ["{PYPI_NAME}[train]"]) != 0:
+        print("{PYPI_NAME} is not on PyPI: installing it from {REPO_URL}")
+        subprocess.check_call(pip + ["{PYPI_NAME}[train] @ git+{REPO_URL}"])'''
 
 CHOOSE = '''# Which model: the MODEL parameter (environment variable RUDALLE_PIPE_MODEL, as CI sets it), else
 # Malevich from the Hugging Face Hub when there is a GPU and the Hub answers, else the embedded demo
-# model, which needs neither.
+# model, which needs neither. The reason for the demo is printed.
 import os
 
 import torch
@@ -42,20 +62,41 @@ MODEL = os.environ.get("RUDALLE_PIPE_MODEL", "auto")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def hub_reachable() -> bool:
+def why_not_malevich() -> str | None:
+    """Why Malevich cannot run here (None when it can): it needs a GPU and the Hub."""
+    if DEVICE != "cuda":
+        return "no GPU (on Colab: Runtime > Change runtime type > T4 GPU)"
     if constants.HF_HUB_OFFLINE:
-        return False
+        return "HF_HUB_OFFLINE is set"
     try:
         HfApi().model_info("sberbank-ai/rudalle-Malevich", timeout=10)
-        return True
-    except Exception:
-        return False
+    except Exception as err:  # no network, a proxy, the Hub down: say which
+        return f"the Hugging Face Hub did not answer ({type(err).__name__}: {str(err)[:120]})"
+    return None
 
 
 if MODEL == "auto":
-    MODEL = "Malevich" if DEVICE == "cuda" and hub_reachable() else "demo"
+    reason = why_not_malevich()
+    MODEL = "demo" if reason else "Malevich"
+    if reason:
+        print(f"using the embedded demo model, not Malevich: {reason}")
 DEMO = MODEL not in list_pretrained("dalle")  # the demo family (bundled or a local directory), not a Hub model
 print(f"model: {MODEL}, device: {DEVICE}")'''
+
+# What the Malevich chain downloads once into the Hugging Face cache: `python benchmarks/download_sizes.py`
+# computes it from the original checkpoints' key lists (../shared/fixtures/manifests) and RUDALLE_FACTS.md.
+DOWNLOADS = """**What Malevich downloads** (once, into the Hugging Face cache; tensor bytes of the original files, computed
+from their key lists by `benchmarks/download_sizes.py` in the repository):
+
+| file | parameters | size |
+|---|---|---|
+| generator `pytorch_model_v3.bin` (fp16) | 1310.4M | 2,625 MB |
+| VQGAN `vqgan.gumbelf8-sber.model.ckpt` (fp32) | 69.0M | 276 MB (the file may hold more) |
+| Real-ESRGAN `RealESRGAN_x4.pth` | 16.7M | 67 MB in fp32 (33 MB if stored in fp16) |
+| CLIP reranker (open_clip `xlm-roberta-base-ViT-B-32`) | not computed here | see the Hub cache after the first run |
+
+About 3 GB before the CLIP. Without a GPU, or when the Hub does not answer, the notebook says so and
+uses the embedded demo model instead."""
 
 
 def quickstart() -> list:
@@ -67,7 +108,9 @@ def quickstart() -> list:
 Text to pictures the ruDALL-E way: **generate** candidates with the transformer, **rerank** them with
 CLIP, **upscale** the best with Real-ESRGAN. On a GPU with Hub access this notebook loads ruDALL-E
 Malevich (1.3B, fp16); anywhere else it runs the tiny demo model that ships inside the package (it draws
-coloured shapes on plain backgrounds, offline, in seconds on a CPU)."""),
+coloured shapes on plain backgrounds, offline, on a CPU).
+
+""" + DOWNLOADS),
         new_code_cell(INSTALL),
         new_code_cell(CHOOSE),
         new_markdown_cell("""## Load the chain
@@ -139,7 +182,7 @@ import time
 
 import torch
 
-from rudalle_pipe import cherry_pick_by_clip, generate_images, image_grid, load_pipeline, shapes, show, super_resolution
+from rudalle_pipe import cherry_pick_by_clip, generate_images, load_pipeline, shapes, show, super_resolution
 
 MODEL = os.environ.get("RUDALLE_PIPE_MODEL", "demo")  # a demo-family pipeline: "demo" or a directory
 pipe = load_pipeline(MODEL)
@@ -242,30 +285,45 @@ for name, opts in options.items():
           f"{'fits' if m['total_gib'] < 14.5 else 'does not fit'}")'''),
         new_markdown_cell("""## The pictures
 
-With `DATA_DIR = None` the notebook writes an example set: 12 renders of yellow diamonds in various
-sizes and places. For your own, upload a folder and point `DATA_DIR` at it."""),
+**Your own pictures on Colab:** Colab uploads files, not folders. Zip the folder on your computer (the
+pictures with a `captions.csv`, columns `file,caption`, or a `<name>.txt` caption beside each), upload
+the zip in the Files pane on the left (or run `from google.colab import files; files.upload()`), and
+set `ZIP` to its name, e.g. `"my_pictures.zip"`: the cell unpacks it (a zip of the folder itself works
+too). In a local Jupyter, set `DATA_DIR` to the folder instead.
+
+With neither, the cell writes an example set, 12 renders of yellow diamonds in various sizes and
+places, and zips and unpacks it the same way."""),
         new_code_cell('''import csv
 import random
+import shutil
 from pathlib import Path
 
 from rudalle_pipe import shapes
 
-DATA_DIR = None      # e.g. "/content/my_pictures"
+ZIP = None           # on Colab: an uploaded zip of your pictures, e.g. "my_pictures.zip"
+DATA_DIR = None      # in a local Jupyter: the folder of your pictures (then ZIP is not needed)
 CAPTION = None       # one caption for every picture, or None to read captions.csv / <name>.txt
 
 if DATA_DIR is None:
-    DATA_DIR = Path("finetune_example")
-    DATA_DIR.mkdir(exist_ok=True)
-    rng = random.Random(0)
-    rows = [("file", "caption")]
-    for i in range(12):
-        scene = shapes.Scene("ромб", "жёлтый", rng.choice(shapes.SIZES), rng.choice(shapes.POSITIONS),
-                             rng.choice(["чёрный", "серый", "синий"]))
-        shapes.render(scene, 256).save(DATA_DIR / f"{i:02d}.png")
-        rows.append((f"{i:02d}.png", shapes.caption(scene, rng)))
-    with open(DATA_DIR / "captions.csv", "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows(rows)
-print(sorted(p.name for p in Path(DATA_DIR).iterdir())[:5], "...")'''),
+    if ZIP is None:  # the example set, zipped as you would upload your own
+        example = Path("finetune_example")
+        example.mkdir(exist_ok=True)
+        rng = random.Random(0)
+        rows = [("file", "caption")]
+        for i in range(12):
+            scene = shapes.Scene("ромб", "жёлтый", rng.choice(shapes.SIZES), rng.choice(shapes.POSITIONS),
+                                 rng.choice(["чёрный", "серый", "синий"]))
+            shapes.render(scene, 256).save(example / f"{i:02d}.png")
+            rows.append((f"{i:02d}.png", shapes.caption(scene, rng)))
+        with open(example / "captions.csv", "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows(rows)
+        ZIP = shutil.make_archive("finetune_example", "zip", root_dir=".", base_dir=example.name)
+    DATA_DIR = Path(Path(ZIP).stem + "_unzipped")
+    shutil.unpack_archive(ZIP, DATA_DIR)  # the same as `!unzip -o my_pictures.zip -d my_pictures_unzipped`
+    inside = [p for p in DATA_DIR.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+    if len(inside) == 1 and inside[0].is_dir():  # the zip held the folder itself
+        DATA_DIR = inside[0]
+print(DATA_DIR, sorted(p.name for p in Path(DATA_DIR).iterdir())[:5], "...")'''),
         new_markdown_cell("""## Before"""),
         new_code_cell('''from rudalle_pipe import generate_images, load_pipeline, show
 
@@ -279,28 +337,43 @@ show(before.images, nrow=8);'''),
         new_markdown_cell("""## Finetune
 
 `finetune` runs on Hugging Face accelerate (so the same call works on a CPU, a GPU, or several GPUs
-under `accelerate launch`). It writes checkpoints to `OUT_DIR` as it goes; running the cell again
-resumes from the last one. The result loads like any other model: `get_rudalle_model(OUT_DIR + "/final")`."""),
-        new_code_cell('''import shutil
+under `accelerate launch`). It writes checkpoints to `OUT_DIR` as it goes. **Rerunning the cell resumes**
+an interrupted run from its last checkpoint, and loads a finished one (`OUT_DIR/final`) instead of
+training again; to start over, delete `OUT_DIR` or choose another. `finetune` trains the generator it
+is given, so the cell loads fresh base weights each time: a resume checks that they are the same. The
+result loads like any other model: `get_rudalle_model(OUT_DIR + "/final")`."""),
+        new_code_cell('''import json
 import time
 
+from rudalle_pipe import get_rudalle_model
 from rudalle_pipe.finetune import finetune
 
 OUT_DIR = "finetune_run"
-shutil.rmtree(OUT_DIR, ignore_errors=True)  # start fresh each time this notebook runs
+DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
 if DEMO:   # 1.9M parameters on a CPU: train everything
     settings = dict(steps=int(os.environ.get("FINETUNE_STEPS", 60)), lr=1e-3, batch_size=8,
                     checkpoint_every=30)
 else:      # Malevich on one 16 GB GPU: LoRA + fp16 autocast + gradient checkpointing
     settings = dict(steps=300, lr=1e-4, batch_size=2, lora_rank=16, train=("attention", "mlp"),
                     gradient_checkpointing=True, mixed_precision="fp16", checkpoint_every=100)
-    torch.cuda.reset_peak_memory_stats()
-start = time.perf_counter()
-result = finetune(pipe.dalle, pipe.vae, pipe.tokenizer, DATA_DIR, caption=CAPTION, out_dir=OUT_DIR, **settings)
-print(f"{settings['steps']} steps in {time.perf_counter() - start:.0f} s; loss on the pictures "
-      f"{result.loss_before:.3f} -> {result.loss_after:.3f}")
-if DEVICE == "cuda":
-    print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")'''),
+final = Path(OUT_DIR) / "final"
+if final.exists():  # finished before: load the result
+    tuned = get_rudalle_model(str(final), device=DEVICE, dtype=DTYPE)
+    summary = json.loads((Path(OUT_DIR) / "result.json").read_text())
+    print(f"{OUT_DIR} has finished: loaded {final}; loss on the pictures "
+          f"{summary['loss_before']:.3f} -> {summary['loss_after']:.3f}")
+else:      # train, or resume an interrupted run, from freshly loaded base weights
+    pipe.dalle = None  # the "before" generator is not needed any more: free its memory first
+    base = load_pipeline(MODEL, device=DEVICE, dtype=DTYPE, clip=False, upscaler=False).dalle
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = finetune(base, pipe.vae, pipe.tokenizer, DATA_DIR, caption=CAPTION, out_dir=OUT_DIR, **settings)
+    tuned = result.model
+    print(f"{settings['steps']} steps in {time.perf_counter() - start:.0f} s; loss on the pictures "
+          f"{result.loss_before:.3f} -> {result.loss_after:.3f}")
+    if DEVICE == "cuda":
+        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")'''),
         new_code_cell('''import csv
 
 with open(f"{OUT_DIR}/loss_log.csv") as f:
@@ -309,7 +382,7 @@ rows = log[:: max(1, len(log) // 6)]
 for row in rows + ([] if rows[-1] is log[-1] else log[-1:]):
     print(f"step {int(row['step']):4d}  loss {float(row['loss']):.3f}  lr {float(row['lr']):.1e}")'''),
         new_markdown_cell("""## After"""),
-        new_code_cell('''after = generate_images(PROMPT, pipe.tokenizer, result.model, pipe.vae, top_k=TOP_K, top_p=0.995,
+        new_code_cell('''after = generate_images(PROMPT, pipe.tokenizer, tuned, pipe.vae, top_k=TOP_K, top_p=0.995,
                         num_images=8, seed=0, progress=False)
 show(before.images + after.images, nrow=8);  # top row before, bottom row after
 if DEMO:  # the demo pictures can be checked automatically
@@ -453,19 +526,34 @@ NOTEBOOKS = {"quickstart.ipynb": quickstart, "demo_offline.ipynb": demo_offline,
              "image_prompts.ipynb": image_prompts_nb}
 
 
+CPU_ONLY = {"demo_offline.ipynb"}  # Colab opens these without requesting a GPU
+
+
 def build(name: str) -> nbformat.NotebookNode:
     nb = new_notebook(cells=NOTEBOOKS[name]())
     nb.metadata.update({"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
-                        "language_info": {"name": "python"}, "accelerator": "GPU",
-                        "colab": {"provenance": [], "name": name}})
+                        "language_info": {"name": "python"}, "colab": {"provenance": [], "name": name}})
+    if name not in CPU_ONLY:
+        nb.metadata["accelerator"] = "GPU"
     for i, cell in enumerate(nb.cells):
         cell["id"] = f"{Path(name).stem}-{i:02d}"
     return nb
 
 
+def setup_cfg_text(text: str) -> str:
+    """``setup.cfg``'s text with its ``url =`` line set to :data:`REPO_URL`."""
+    updated, count = re.subn(r"(?m)^url = .*$", f"url = {REPO_URL}", text)
+    if count != 1:
+        raise ValueError(f"setup.cfg must have exactly one 'url = ' line, found {count}")
+    return updated
+
+
 def main() -> int:
     for name in NOTEBOOKS:
         nbformat.write(build(name), HERE / name)
+    text = SETUP_CFG.read_text(encoding="utf-8")
+    if setup_cfg_text(text) != text:
+        SETUP_CFG.write_text(setup_cfg_text(text), encoding="utf-8")
     return 0
 
 

@@ -199,6 +199,17 @@ def _rank(args: argparse.Namespace, pipe, candidates, perplexities, progress: bo
     return kept, scores
 
 
+def _sheet_label(args: argparse.Namespace, entry: dict[str, Any]) -> str:
+    """Two lines under a candidate on the contact sheet: its index (and prompt), its rank, and the score
+    it was ranked by (the perplexity when nothing ranked it)."""
+    head = f"#{entry['index']}" + (f" prompt {entry['prompt_index']}" if len(args.text) > 1 else "")
+    if entry["rank"] is not None:
+        head += f"  rank {entry['rank']}/{args.num_images}"
+    by = args.rank_by if args.rerank else "perplexity"
+    value = entry["clip_score" if by == "clip" else by]
+    return f"{head}\n{by} {'n/a' if value is None else f'{value:.3f}'}"
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """``rudalle-pipe generate``: the whole chain, written into ``--out``."""
     import torch
@@ -206,10 +217,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .cli import PROG, EXIT_OK
     from .cli_image_prompt import apply_paste_back, build_prompt, check_image_prompt_args, prompt_record
     from .hub import WeightsNotFoundError
-    from .outputs import CONTACT_SHEET, RESULTS, png_bytes, sheet_columns, write_run
+    from .contact_sheet import contact_sheet, sheet_columns
+    from .outputs import CONTACT_SHEET, RESULTS, png_bytes, write_run
     from .pipeline import load_pipeline
     from .realesrgan import super_resolution
-    from .show import image_grid
 
     source, names = _check_generate_args(args)
     spec = check_image_prompt_args(args, source)
@@ -291,7 +302,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return (json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
 
     outputs = [(name, lambda image=image: png_bytes(image)) for name, image in zip(names, kept)]
-    outputs += [(CONTACT_SHEET, lambda: png_bytes(image_grid(candidates, nrow=nrow))), (RESULTS, record)]
+    labels = [_sheet_label(args, candidate(i)) for i in range(len(candidates))]
+    outputs += [(CONTACT_SHEET, lambda: png_bytes(contact_sheet(candidates, labels))), (RESULTS, record)]
     write_run(out, outputs, previous)
     plural = "s" if len(kept) != 1 else ""
     sys.stdout.write(f"wrote {len(kept)} image{plural}, {CONTACT_SHEET} and {RESULTS} to {out}\n")

@@ -22,12 +22,12 @@ import contextlib
 import io
 import json
 import logging
-import math
 import re
 import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+from .contact_sheet import sheet_size
 from .files import atomic_write, fsync_dir, read_bounded, rename_into_place
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,6 @@ __all__ = ["RESULTS", "CONTACT_SHEET", "image_name", "png_bytes", "png_size_boun
 
 RESULTS = "results.json"
 CONTACT_SHEET = "contact_sheet.png"
-SHEET_PADDING = 2  # pixels between and around the contact sheet's cells (show.image_grid's default)
 # the only names a run writes besides results.json
 _RUN_FILE = re.compile(r"(?:prompt\d{2,}_)?image_\d{3,}\.png|contact_sheet\.png")
 _MAX_RECORD_BYTES = 64 * 2**20  # a results.json of 4096 candidates is ~2 MB
@@ -64,19 +63,6 @@ def png_size_bound(width: int, height: int, channels: int = 3) -> int:
     signature, IHDR and IEND; 1 KiB covers those with room to spare."""
     raw = height * (1 + width * channels)
     return raw + raw // 2048 + 12 * (raw // 65536 + 2) + 1024
-
-
-def sheet_columns(count: int) -> int:
-    """Images per row of the contact sheet: ``ceil(sqrt(count))``."""
-    return math.isqrt(count - 1) + 1 if count > 1 else 1
-
-
-def sheet_size(count: int, side: int) -> tuple[int, int]:
-    """``(width, height)`` of the contact sheet of ``count`` candidates of ``side`` px (laid out by
-    :func:`rudalle_pipe.show.image_grid` with :func:`sheet_columns` per row)."""
-    cols = min(sheet_columns(count), count)
-    rows = -(-count // cols)
-    return cols * side + (cols + 1) * SHEET_PADDING, rows * side + (rows + 1) * SHEET_PADDING
 
 
 def estimate_bytes(*, num_images: int, kept: int, side: int, scale: int, text: str) -> int:

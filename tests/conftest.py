@@ -29,6 +29,17 @@ def fixtures_dir() -> Path:
     return path
 
 
+def import_reference(name: str):
+    """Import ``name``, a test-only reference implementation (e.g. ``youtokentome``, which needs a C++
+    compiler to install). Without it the test is skipped, with the reason, except in CI (``CI=true``),
+    where a missing reference is an error: parity tests cannot silently vanish there."""
+    if os.environ.get("CI"):
+        import importlib
+
+        return importlib.import_module(name)
+    return pytest.importorskip(name, reason=f"{name} is not installed (it needs a C++ compiler; README, Tests)")
+
+
 def add_to_hub_cache(cache_dir: Path, repo_id: str, files: dict[str, Path | bytes], *,
                      revision: str = "main") -> Path:
     """Lay out ``files`` (name -> source path or bytes) as a snapshot of ``repo_id`` in a Hugging

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT, add_to_hub_cache
+from rudalle_pipe import contact_sheet
 from rudalle_pipe.cli import EXIT_FAILURE, EXIT_USAGE, main
 from rudalle_pipe.pipeline import load_pipeline, save_pipeline
 from tiny import SIDE, tiny_pipeline
@@ -47,7 +48,7 @@ def snapshot(directory: Path) -> dict:
 def test_generate_end_to_end(pipe_dir, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["generate", TEXT, "--model", pipe_dir, "--num-images", 3, "--rerank", 2, "--upscale", "x4",
-            "--seed", 1, "--out", out, "--no-progress"]
+            "--seed", 1, "--out", out, "--no-progress", "--device", "cpu"]  # recorded below: not the default
     code, stdout, stderr = run(capsys, *argv)
     assert code == 0, stderr
     assert stderr == ""
@@ -94,8 +95,16 @@ def test_generate_end_to_end(pipe_dir, tmp_path, capsys):
             assert saved.format == "PNG" and saved.size == (4 * SIZE, 4 * SIZE)
             expected = super_resolution([gen.images[im["index"]]], pipe.upscaler, progress=False)[0]
             assert np.array_equal(np.asarray(saved), np.asarray(expected))
-    with Image.open(out / "contact_sheet.png") as sheet:  # 3 candidates: 2 per row, 2 px margins
-        assert sheet.size == (2 * SIZE + 3 * 2, 2 * SIZE + 3 * 2)
+    with Image.open(out / "contact_sheet.png") as sheet:  # 3 candidates, 2 per row, each at least 256 px
+        cell, pad, band = contact_sheet.cell_side(SIZE), contact_sheet.PADDING, contact_sheet.LABEL_HEIGHT
+        assert cell >= 256 and sheet.size == (2 * cell + 3 * pad, 2 * (cell + band) + 3 * pad)
+        pixels = np.asarray(sheet.convert("RGB"))
+    for k in range(3):  # candidate k, in index order, enlarged by whole pixels
+        top, left = pad + (k // 2) * (cell + band + pad), pad + (k % 2) * (cell + pad)
+        expected = np.asarray(gen.images[k].resize((cell, cell), Image.NEAREST))
+        assert np.array_equal(pixels[top:top + cell, left:left + cell], expected)
+    top, left = pad + cell + band + pad, pad + cell + pad  # the fourth cell is empty: neutral grey
+    assert (pixels[top:top + cell + band, left:left + cell] == contact_sheet.BACKGROUND).all()
 
     # a second run refuses before doing any work and leaves every file alone
     before = snapshot(out)
@@ -184,7 +193,8 @@ def test_hub_model_loads_the_requested_upscaler(pipe_dir, tmp_path, capsys, monk
     monkeypatch.setattr(rudalle_pipe.pipeline, "load_pipeline", fake_load)
     out = tmp_path / "out"
     code, _, stderr = run(capsys, "generate", TEXT, "--model", "Malevich", "--top-k", 50, "--num-images", 1,
-                          "--rerank", 0, "--upscale", "x8", "--out", out, "--no-progress", "--cache-dir", tmp_path)
+                          "--rerank", 0, "--upscale", "x8", "--out", out, "--no-progress", "--cache-dir", tmp_path,
+                          "--device", "cpu")  # asserted below, so not left to the machine's default
     assert code == 0, stderr
     assert calls == [("Malevich", {"device": "cpu", "dtype": torch.float32, "cache_dir": str(tmp_path),
                                    "clip": False, "upscaler": "x8"})]
@@ -272,6 +282,7 @@ def test_help_and_missing_verb(capsys):
     assert code == EXIT_USAGE and stderr.count("\n") == 1 and "COMMAND" in stderr
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point(bare_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     out = tmp_path / "out"

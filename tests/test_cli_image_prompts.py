@@ -234,7 +234,7 @@ def test_outpaint_writes_panoramas_atomically_and_overwrite_safe(pipe_dir, pictu
 
     out = tmp_path / "out"
     argv = ["outpaint", picture, TEXT, "--model", pipe_dir, "--right", 1, "--steps", 2, "--num-images", 2,
-            "--seed", 5, "--top-k", 20, "--out", out, "--no-progress"]
+            "--seed", 5, "--top-k", 20, "--out", out, "--no-progress", "--device", "cpu"]  # recorded below
     code, stdout, stderr = run(capsys, *argv)
     assert code == 0, stderr
     assert "wrote 2 panoramas" in stdout

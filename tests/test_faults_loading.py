@@ -232,6 +232,7 @@ def test_clip_text_tower_folder_stays_inside(saved_pipe, tmp_path, hf_name):
         get_clip(f"local-dir:{clip}", None)
 
 
+@pytest.mark.slow
 def test_bpe_model_reads_are_bounded(tmp_path):
     huge = tmp_path / "huge.model"
     with open(huge, "wb") as f:
@@ -403,7 +404,7 @@ def _offline_run(tmp_path: Path, body: str) -> tuple[subprocess.CompletedProcess
     """Run ``body`` in a fresh interpreter whose Hub endpoint is a loopback server that refuses
     every request, with an empty cache and HF_HUB_OFFLINE unset (huggingface_hub reads HF_ENDPOINT
     at import). ``body`` runs after torch and the package are imported and prints its own duration
-    on stdout, so the bound measures the package, not the interpreter's start-up."""
+    on stdout (benchmarks/offline_failure.py reports that time; tests only count connections)."""
     server = _RefusingServer()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.port}", HF_HUB_CACHE=str(tmp_path / "cache"),
@@ -419,6 +420,7 @@ def _offline_run(tmp_path: Path, body: str) -> tuple[subprocess.CompletedProcess
     return done, server.connections
 
 
+@pytest.mark.slow
 def test_offline_generate_fails_fast_with_one_line(tmp_path):
     done, connections = _offline_run(tmp_path, (
         f"code = rudalle_pipe.cli.main(['generate', 'кот', '--model', 'Malevich', '--out', {str(tmp_path / 'o')!r}])\n"
@@ -427,10 +429,10 @@ def test_offline_generate_fails_fast_with_one_line(tmp_path):
     assert done.stderr.count("\n") == 1, done.stderr
     assert "'bpe.model'" in done.stderr and "hf download shonenkov/rudalle-utils bpe.model" in done.stderr
     assert "could not be reached" in done.stderr
-    assert connections <= 2
-    assert float(done.stdout) < 5, done.stdout
+    assert connections <= 2  # no retries; the wall time is measured by benchmarks/offline_failure.py
 
 
+@pytest.mark.slow
 def test_offline_clip_fails_fast(tmp_path):
     """open_clip and transformers call huggingface_hub themselves: they are switched to the cache too."""
     done, connections = _offline_run(tmp_path, (
@@ -438,8 +440,7 @@ def test_offline_clip_fails_fast(tmp_path):
         "    print(time.monotonic() - start)\n    print(err, file=sys.stderr)\n"))
     assert done.returncode == 0 and "could not be reached" in done.stderr, done.stderr
     assert "hf download laion/CLIP-ViT-B-32-xlm-roberta-base-laion5B-s13B-b90k" in done.stderr
-    assert connections <= 2
-    assert float(done.stdout.splitlines()[0]) < 5, done.stdout
+    assert connections <= 2  # no retries; the time is measured by benchmarks/offline_clip.py (offline)
 
 
 # ------------------------------------------------------------------------- atomic saves
@@ -468,6 +469,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), OSError(errno.ENOSPC, "No space left on device")],
                          ids=["interrupt", "disk-full"])
+@pytest.mark.slow
 def test_save_pipeline_is_atomic_at_every_write(fixtures_dir, tmp_path, monkeypatch, error):
     pipe = tiny_pipeline(fixtures_dir, tmp_path)
     with monkeypatch.context() as m:

@@ -1,4 +1,5 @@
 """Sampling: the key/value cache, greedy decoding, the filters, seeds, and bad input."""
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -142,7 +143,17 @@ def test_generate_images_end_to_end(pipeline):
     assert len(out.images) == 3 and all(isinstance(im, Image.Image) for im in out.images)
     assert out.images[0].size == (SIDE * 8, SIDE * 8) and out.images[0].mode == "RGB"
     assert out.codes.shape == (3, SIDE * SIDE) and out.seeds == [42, 43, 44]
-    assert len(out.perplexities) == 3 and all(p >= 1.0 for p in out.perplexities)
+    # each perplexity is the original's: mean over the codes of exp(cross-entropy) under the full model
+    ids = tokenizer.encode_text("рыжий котик", TEXT_LEN)  # lowercased and stripped
+    with torch.no_grad():
+        logits = dalle(torch.cat([ids[None].expand(3, -1), out.codes], dim=1)).logits
+    ce = torch.nn.functional.cross_entropy(logits[:, TEXT_LEN - 1:-1, dalle.config.vocab_size:].transpose(1, 2),
+                                           out.codes, reduction="none")  # (3, SIDE * SIDE)
+    assert torch.allclose(torch.tensor(out.perplexities), ce.exp().mean(dim=1), rtol=1e-5, atol=0)
+    with torch.no_grad():  # and each image is the VQGAN's decoding of its codes
+        decoded = vae.decode(out.codes)  # (3, 3, H, W) in [0, 1]
+    pixels = torch.stack([torch.from_numpy(np.array(im)) for im in out.images]).permute(0, 3, 1, 2)
+    assert (pixels.float() - decoded * 255).abs().max() <= 1.0
     # text is lowercased and stripped like the original pipeline
     same = generate_images("рыжий котик", tokenizer, dalle, vae, top_k=20, top_p=0.99, num_images=1,
                            seed=43, progress=False)

@@ -131,6 +131,7 @@ def test_paste_back_bad_input(call, error, match):
 # -------------------------------------------------------------------------------------- outpainting
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("direction", ["right", "down"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_outpaint_keeps_the_shifted_codes(demo, direction, k):
@@ -150,6 +151,7 @@ def test_outpaint_keeps_the_shifted_codes(demo, direction, k):
     assert out.seeds == [[0], [1]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("background", ["синий", "чёрный", "белый"])
 def test_new_strip_is_background_where_the_caption_puts_nothing(demo, background):
     # a small circle on the left; outpaint right by 2 codes (16 px): the caption puts nothing there.
@@ -166,6 +168,7 @@ def test_new_strip_is_background_where_the_caption_puts_nothing(demo, background
         assert (np.abs(strip - colour).max(1) > 40).mean() < 0.02
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("direction, k, steps", [("right", 2, 3), ("down", 3, 2), ("right", 7, 1)])
 def test_stitched_panorama(demo, direction, k, steps):
     image, caption = _scene()
@@ -216,6 +219,7 @@ def test_stitching_follows_an_upsampling_decoder(demo, monkeypatch):
     assert np.array_equal(pano[:, -3 * 2 * PATCH:], np.asarray(out.images[0])[:, -3 * 2 * PATCH:])
 
 
+@pytest.mark.slow
 def test_outpaint_seeds_are_reproducible(demo):
     image, caption = _scene()
     args = (image, caption, demo.tokenizer, demo.dalle, demo.vae)

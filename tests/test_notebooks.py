@@ -30,9 +30,87 @@ def test_committed_notebook_matches_its_builder(name):
     committed = nbformat.read(NOTEBOOKS / name, as_version=4)
     assert _cells(committed) == _cells(build_notebooks.build(name)), f"run python notebooks/build.py ({name})"
     assert all(not c.get("outputs") for c in committed["cells"] if c["cell_type"] == "code")  # stored clean
-    assert "colab.research.google.com/assets/colab-badge.svg" in committed["cells"][0]["source"]
-    assert any("pip\", \"install\"" in c["source"] and "git+https://github.com/" in c["source"]
-               for c in committed["cells"])
+    repo = build_notebooks.REPO_URL
+    owner_name = repo.removeprefix("https://github.com/")
+    assert f"colab.research.google.com/github/{owner_name}/blob/main/notebooks/{name}" in committed["cells"][0]["source"]
+    install = [c["source"] for c in committed["cells"] if '"pip", "install"' in c["source"]]
+    assert len(install) == 1 and f'"{build_notebooks.PYPI_NAME}[train]"' in install[0]  # PyPI first, by name
+    assert f"git+{repo}" in install[0]  # then the repository
+    # Colab asks for a GPU only where the notebook can use one
+    assert committed["metadata"].get("accelerator") == (None if name == "demo_offline.ipynb" else "GPU")
+
+
+def test_one_repository_url_for_badges_install_cells_and_setup_cfg():
+    """REPO_URL in notebooks/build.py is the one place to change where the project lives."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(NOTEBOOKS.parent / "setup.cfg", encoding="utf-8")
+    assert config["metadata"]["url"] == build_notebooks.REPO_URL, "run python notebooks/build.py"
+    assert build_notebooks.PYPI_NAME == config["metadata"]["name"] == "rudalle-pipe"
+    text = (NOTEBOOKS.parent / "setup.cfg").read_text(encoding="utf-8")
+    moved = build_notebooks.setup_cfg_text(text.replace(build_notebooks.REPO_URL, "https://example.org/old"))
+    assert moved == text  # build.py puts REPO_URL back into setup.cfg
+    sources = "".join(c["source"] for name in build_notebooks.NOTEBOOKS for c in build_notebooks.build(name).cells)
+    assert set(re.findall(r"https://github\.com/[\w.-]+/[\w.-]+", sources)) == {build_notebooks.REPO_URL}
+
+
+@pytest.mark.parametrize("on_pypi", [True, False])
+def test_install_cell_uses_pypi_then_the_repository(on_pypi, monkeypatch, capsys):
+    """The install cell, run where the package is missing: PyPI by name; the repository only when PyPI
+    has no such package."""
+    import importlib.util
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd[-1]) or (0 if on_pypi else 1))
+    monkeypatch.setattr(subprocess, "check_call", lambda cmd: calls.append(cmd[-1]) or 0)
+    exec(build_notebooks.INSTALL, {})
+    name, repo = build_notebooks.PYPI_NAME, build_notebooks.REPO_URL
+    assert calls == ([f"{name}[train]"] if on_pypi else [f"{name}[train]", f"{name}[train] @ git+{repo}"])
+    assert ("not on PyPI" in capsys.readouterr().out) == (not on_pypi)
+
+
+@pytest.mark.parametrize("case", ["no GPU", "offline", "Hub silent", "Malevich"])
+def test_model_choice_says_why_it_falls_back_to_the_demo(case, monkeypatch, capsys):
+    import huggingface_hub
+    import torch
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("RUDALLE_PIPE_MODEL", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: case != "no GPU")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", case == "offline")
+
+    class Api:
+        def model_info(self, repo_id, timeout):
+            if case == "Hub silent":
+                raise TimeoutError("read timed out")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    namespace: dict = {}
+    exec(build_notebooks.CHOOSE, namespace)
+    printed = capsys.readouterr().out
+    reason = {"no GPU": "no GPU", "offline": "HF_HUB_OFFLINE is set",
+              "Hub silent": "the Hugging Face Hub did not answer (TimeoutError: read timed out)"}.get(case)
+    assert namespace["MODEL"] == ("Malevich" if reason is None else "demo")
+    assert ("using the embedded demo model, not Malevich: " + reason in printed) if reason else "demo" not in printed
+
+
+@pytest.mark.parametrize("name", sorted(build_notebooks.NOTEBOOKS))
+def test_every_import_is_used(name):
+    """No cell imports a name that no cell of the notebook uses."""
+    import ast
+
+    trees = [ast.parse(c.source) for c in build_notebooks.build(name).cells if c.cell_type == "code"]
+    imported, used = set(), set()
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
+            elif isinstance(node, ast.Name):
+                used.add(node.id)
+    assert imported <= used, f"{name} imports {sorted(imported - used)} without using them"
 
 
 MODEL = os.environ.get("RUDALLE_PIPE_NOTEBOOK_MODEL", "demo")
@@ -64,6 +142,7 @@ def _images_shown(nb_path: Path) -> int:
     return sum("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
 
 
+@pytest.mark.slow
 def test_quickstart_runs(tmp_path, monkeypatch):
     printed = _run("quickstart.ipynb", tmp_path, monkeypatch)
     assert f"model: {MODEL}, device: cpu" in printed
@@ -72,6 +151,7 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     assert _images_shown(tmp_path / "quickstart.ipynb") == 3  # candidates, best 4, upscaled
 
 
+@pytest.mark.slow
 def test_demo_offline_runs(tmp_path, monkeypatch):
     printed = _run("demo_offline.ipynb", tmp_path, monkeypatch)
     assert printed.count("all attributes right in") == 8
@@ -80,15 +160,25 @@ def test_demo_offline_runs(tmp_path, monkeypatch):
     assert "x4 of the best 4" in printed
 
 
-def test_finetune_runs_and_lowers_the_loss(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_finetune_runs_lowers_the_loss_and_a_rerun_keeps_the_run(tmp_path, monkeypatch):
     printed = _run("finetune.ipynb", tmp_path, monkeypatch)
     assert re.search(r"LoRA r=16 attention\+MLP, checkpointing\s+\d+\.\d M\s+\d+\.\d\s+fits", printed)
+    assert re.search(r"finetune_example_unzipped/finetune_example \['00.png'", printed)  # through the zip
     before, after = map(float, re.search(r"loss on the pictures ([\d.]+) -> ([\d.]+)", printed).groups())
     assert after < before
-    assert (tmp_path / "finetune_run" / "final" / "model.safetensors").is_file()
+    weights = tmp_path / "finetune_run" / "final" / "model.safetensors"
+    first = (weights.read_bytes(), weights.stat().st_mtime_ns, (tmp_path / "finetune_run" / "loss_log.csv").read_bytes())
     assert "after: colour right" in printed
+    # running the notebook again keeps the finished run: it loads the result instead of deleting or retraining it
+    again = _run("finetune.ipynb", tmp_path, monkeypatch)
+    assert f"finetune_run has finished: loaded finetune_run/final; loss on the pictures {before:.3f} -> {after:.3f}" in again
+    assert (weights.read_bytes(), weights.stat().st_mtime_ns,
+            (tmp_path / "finetune_run" / "loss_log.csv").read_bytes()) == first
+    assert again.split("after: colour right")[1] == printed.split("after: colour right")[1]  # the same model
 
 
+@pytest.mark.slow
 def test_image_prompts_runs_and_checks_its_results(tmp_path, monkeypatch):
     printed = _run("image_prompts.ipynb", tmp_path, monkeypatch)  # its cells assert kept codes and pixels
     assert "kept 16 of 64 codes; input, then 4 results" in printed  # the top quarter of the 8x8 grid

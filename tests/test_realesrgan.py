@@ -286,6 +286,7 @@ def _as_float(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float64) / 255
 
 
+@pytest.mark.slow
 def test_trained_model_tiled_matches_untiled_and_beats_bicubic(trained_x4):
     hr = _field_images(1, 4 * 64, torch.Generator().manual_seed(1))[:, :, : 4 * 37, : 4 * 53]  # (1, 3, 148, 212)
     lr = _to_pil(_bicubic_down4(hr)[0])  # 53 x 37
@@ -306,6 +307,7 @@ def test_trained_model_tiled_matches_untiled_and_beats_bicubic(trained_x4):
     assert mse["tiled"] < 0.85 * mse["bicubic"] and mse["whole"] < 0.85 * mse["bicubic"], mse
 
 
+@pytest.mark.slow
 def test_trained_model_gray_and_alpha_go_through_the_network(trained_x4):
     rgb = _random_image("RGB", (21, 19), seed=4)
     gray = rgb.convert("L")
@@ -323,6 +325,7 @@ def test_trained_model_gray_and_alpha_go_through_the_network(trained_x4):
     assert np.abs(np.asarray(out_gray, dtype=np.float64) - three.mean(axis=2))[inside].max() <= 1.0
 
 
+@pytest.mark.slow
 def test_uses_upscaler_dtype(trained_x4):
     model64 = RRDBNet(trained_x4.config).double()
     model64.load_state_dict(trained_x4.state_dict())

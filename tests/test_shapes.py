@@ -233,6 +233,7 @@ def _report(name: str, result: dict[str, float]) -> None:
           + f" (n={int(result['count'])})")
 
 
+@pytest.mark.slow
 def test_detector_on_64px_renders():
     scenes = _scenes(1000, seed=11)
     result = score([render(s, 64) for s in scenes], scenes)
@@ -241,6 +242,7 @@ def test_detector_on_64px_renders():
     assert min(result[a] for a in ("shape", "color", "size", "position", "background")) >= 0.99
 
 
+@pytest.mark.slow
 def test_detector_on_256px_renders():
     scenes = _scenes(1000, seed=12)
     result = score([render(s, 256) for s in scenes], scenes)
@@ -248,6 +250,7 @@ def test_detector_on_256px_renders():
     assert result["all"] >= 0.99
 
 
+@pytest.mark.slow
 def test_detector_on_varied_renders():
     """Within-caption variety (shift, scale, rotation, colour shades) stays readable: >= 99%."""
     rng = random.Random(14)
@@ -271,6 +274,7 @@ def _degrade(image: Image.Image, seed: int) -> Image.Image:
     return Image.open(buffer).convert("RGB")
 
 
+@pytest.mark.slow
 def test_detector_on_degraded_renders():
     scenes = _scenes(500, seed=13)
     result = score([_degrade(render(s, 64), i) for i, s in enumerate(scenes)], scenes)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import import_reference
 from rudalle_pipe.tokenizer import YTTMTokenizer, prepare_text
 
 CYR_LOWER = "абвгдеёжзийклмнопрстуфхцчшщъыьэюя"
@@ -88,7 +89,7 @@ def tokenizer(fixture_model: Path) -> YTTMTokenizer:
 @pytest.fixture(scope="module")
 def trained_model(tmp_path_factory) -> Path:
     """A yttm BPE model with 1500 tokens, trained on a generated Russian/Latin corpus without emoji."""
-    yttm = pytest.importorskip("youtokentome")
+    yttm = import_reference("youtokentome")
     rng = random.Random(1234)
     lines = []
     for _ in range(6000):
@@ -135,7 +136,7 @@ def test_prepare_text() -> None:
 
 
 def check_parity(model_path: Path, seed: int, n_texts: int) -> None:
-    yttm = pytest.importorskip("youtokentome")
+    yttm = import_reference("youtokentome")
     reference = yttm.BPE(str(model_path), n_threads=1)
     ours = YTTMTokenizer.from_file(model_path)
     assert ours.vocab_size == reference.vocab_size()
@@ -163,16 +164,18 @@ def check_parity(model_path: Path, seed: int, n_texts: int) -> None:
         assert ours.decode_text(ids) == want
 
 
+@pytest.mark.slow
 def test_parity_with_youtokentome_fixture_model(fixture_model: Path) -> None:
     check_parity(fixture_model, seed=0, n_texts=10_000)
 
 
+@pytest.mark.slow
 def test_parity_with_youtokentome_trained_model(trained_model: Path) -> None:
     check_parity(trained_model, seed=1, n_texts=10_000)
 
 
 def test_save_round_trip(trained_model: Path, tmp_path: Path) -> None:
-    yttm = pytest.importorskip("youtokentome")
+    yttm = import_reference("youtokentome")
     original = YTTMTokenizer.from_file(trained_model)
     original.save(tmp_path / "copy.model")
     assert (tmp_path / "copy.model").read_text() == trained_model.read_text()

@@ -166,6 +166,7 @@ def test_clip_batches_are_pure_and_mask_false_negatives(bpe_path):
         assert len(diff) == 1 and (other.color, other.shape) not in shapes.HELD_OUT_PAIRS
 
 
+@pytest.mark.slow
 def test_clip_stage_trains_resumes_and_loads(bpe_path, tmp_path, monkeypatch):
     config = train_clip.QUICK_CONFIG
     full = train_clip.train(tmp_path / "full", config=config, tokenizer_path=bpe_path, progress=False)
@@ -191,6 +192,7 @@ def test_clip_stage_trains_resumes_and_loads(bpe_path, tmp_path, monkeypatch):
     assert all(0 <= v <= 1 for v in metrics.values())
 
 
+@pytest.mark.slow
 def test_tiny_trained_clip_ranks_matching_images_first(bpe_path):
     """A few hundred tiny steps suffice to tell scenes apart that differ in colour, shape and background."""
     config = dataclasses.replace(train_clip.QUICK_CONFIG, batch_size=24, augment=False)
@@ -264,7 +266,21 @@ def test_sr_stage_trains_resumes_and_loads(tmp_path, monkeypatch):
         assert torch.allclose(va, vb, atol=1e-6), key
     assert train_sr.train(tmp_path / "full", config=config, progress=False) == full
     metrics = train_sr.evaluate(a, num_images=2)
-    assert metrics["psnr_bicubic"] > 25 and metrics["psnr_sr"] > 10
+    torch.manual_seed(0)
+    untrained = train_sr.evaluate(RRDBNet(config.model).eval(), num_images=2)["psnr_sr"]
+    # the quick run's 12 steps take the network from noise (measured 11.7 dB) to 29.8 dB; bicubic: 37.0 dB
+    assert metrics["psnr_sr"] > untrained + 10, (metrics, untrained)
+    assert metrics["psnr_bicubic"] > 30
+
+
+def test_shipped_demo_upscaler_beats_bicubic():
+    """The x4 upscaler this stage trained for the bundled demo (full config) against PIL bicubic, both from
+    the 64 px renders of 8 held-out scenes, scored against their 256 px renders: measured 42.7 dB against
+    34.5 dB (README: 42.4 against 34.7 over 24 scenes). A network no better than bicubic fails."""
+    from rudalle_pipe import load_pipeline
+
+    metrics = train_sr.evaluate(load_pipeline("demo", clip=False).upscaler, num_images=8)
+    assert metrics["psnr_sr"] > metrics["psnr_bicubic"] + 3, metrics
 
 
 def test_sr_stage_with_vqgan_inputs(tmp_path):

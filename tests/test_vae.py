@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import import_reference
 from rudalle_pipe.vae import VQGAN, InverseHaar2d, VQGANConfig, convert_vqgan_state_dict, load_vqgan
 
 VARIANTS = ["vqgan", "vqgan_dwt"]
@@ -95,7 +96,7 @@ def test_full_size_module_matches_manifest(variant, fixtures_dir):
 
 
 def test_inverse_haar_matches_pywavelets():
-    pywt = pytest.importorskip("pywt")
+    pywt = import_reference("pywt")
     gen = torch.Generator().manual_seed(0)
     low = torch.randn(2, 3, 5, 7, generator=gen)
     high = torch.randn(2, 3, 3, 5, 7, generator=gen)  # bands (lh, hl, hh) = pywt's (cH, cV, cD)
