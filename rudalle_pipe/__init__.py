@@ -12,6 +12,8 @@ The chain mirrors the original package::
 """
 import importlib
 import logging
+import sys
+import types
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -83,6 +85,19 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Importing submodule ``rudalle_pipe.show`` binds the package attribute ``show`` to that module; the
+    public name ``show`` is the function in it (as the eager imports had it), so that binding is skipped."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and name in _LAZY and name not in _SUBMODULES:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # the same names, for type checkers and IDEs

@@ -50,6 +50,12 @@ def test_every_public_name_resolves():
         rudalle_pipe.generate_image  # noqa: B018 (a typo of a real name)
 
 
+def test_show_stays_the_function_after_its_module_is_imported():
+    body = ("from rudalle_pipe.show import image_grid\nimport rudalle_pipe\n"
+            "assert callable(rudalle_pipe.show) and rudalle_pipe.show.__name__ == 'show'")
+    subprocess.run([sys.executable, "-c", body], check=True)
+
+
 def test_on_meta_skips_initialisation_and_restores_it():
     original = torch.nn.init.normal_
     with on_meta():
