@@ -1,15 +1,18 @@
-"""CPU decoding tricks, all in one place: which products go through numpy's BLAS, the kernels used for
-them, and torch's thread count while they run.
+"""The CPU decode backend, all in one place: which products go through numpy's BLAS, the kernels used for
+them, torch's thread count while they run, and the int8 weight kernel.
 
 A decoding step is a matrix-vector product per layer, bound by how fast the weights stream from memory.
 PyTorch's MKL matrix-vector kernel reaches well under the memory bandwidth on some CPUs (measured 15 GB/s
-against numpy's OpenBLAS at 32 GB/s on a 38 GB/s AMD EPYC; see ``benchmarks/generation.py``), so while
-decoding (fp32, CPU, no autograd, few rows) :func:`linear` and :func:`matmul` call numpy instead; results
-agree with torch to float rounding. Everything else runs through torch unchanged.
+against numpy's OpenBLAS at 32 GB/s on a 38 GB/s AMD EPYC; see ``benchmarks/generation.py``). The
+generation loop therefore selects this backend explicitly with :func:`cpu_decoding`; inside it, fp32
+products of few rows on the CPU (no autograd) go through numpy in :func:`linear` and :func:`matmul`, and
+the results agree with torch to float rounding. Outside it (training, scoring, a plain forward) both are
+exactly torch's ``F.linear`` and ``@``, so the model's forward is the model alone.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -17,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SMALL_ROWS", "PAIR_ROWS", "BLOCK_BYTES", "uses_numpy_blas", "linear", "matmul", "decoding_threads",
-           "Int8Weight", "quantize_weight"]
+__all__ = ["SMALL_ROWS", "PAIR_ROWS", "BLOCK_BYTES", "uses_numpy_blas", "linear", "matmul", "cpu_decoding",
+           "decoding_threads", "Int8Weight", "quantize_weight"]
 
 SMALL_ROWS = 64  # rows (batch x new positions) up to which decoding uses the numpy path
 PAIR_ROWS = 4  # up to this many rows, large weights are read from memory once, block by block (_few_rows)
@@ -26,9 +29,17 @@ BLOCK_BYTES = 2 << 20  # weight bytes per block (256 rows at hidden 2048): measu
 _PAIR_MIN_WEIGHT = 1 << 20  # weights smaller than this (elements) fit in cache anyway: one sgemm
 
 
-def uses_numpy_blas(device: torch.device, dtype: torch.dtype, rows: int) -> bool:
-    """Whether products of ``rows`` rows go through numpy's BLAS (see :func:`linear`)."""
+_SELECTED: ContextVar[bool] = ContextVar("rudalle_pipe_cpu_decoding", default=False)  # set by cpu_decoding
+
+
+def _eligible(device: torch.device, dtype: torch.dtype, rows: int) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and 0 < rows <= SMALL_ROWS
+
+
+def uses_numpy_blas(device: torch.device, dtype: torch.dtype, rows: int) -> bool:
+    """Whether products of ``rows`` rows go through numpy's BLAS now: inside :func:`cpu_decoding`, on the
+    CPU, in fp32, for at most ``SMALL_ROWS`` rows (see :func:`linear`)."""
+    return _SELECTED.get() and _eligible(device, dtype, rows)
 
 
 def _few_rows(weight: np.ndarray, flat: np.ndarray) -> np.ndarray:
@@ -48,8 +59,8 @@ def _few_rows(weight: np.ndarray, flat: np.ndarray) -> np.ndarray:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; while decoding on CPU (fp32, no autograd, at most ``SMALL_ROWS``
-    rows) the product goes through numpy's BLAS instead (one row: sgemv; 2-``PAIR_ROWS`` rows with a
+    """``F.linear(x, weight, bias)``; inside :func:`cpu_decoding` (fp32, CPU, no autograd, at most
+    ``SMALL_ROWS`` rows) the product goes through numpy's BLAS instead (one row: sgemv; 2-``PAIR_ROWS`` rows with a
     large weight: blocked sgemv, see :func:`_few_rows`; more: sgemm). An :class:`Int8Weight` (see
     :func:`rudalle_pipe.quantize_int8`) goes through its int8 kernel."""
     if isinstance(weight, Int8Weight):
@@ -114,24 +125,32 @@ def quantize_weight(weight: torch.Tensor) -> Int8Weight:
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for the attention of a decoding step; through numpy's BLAS on CPU in fp32 without
     autograd, for the same reason as :func:`linear` (the key/value cache is streamed once)."""
-    if a.device.type != "cpu" or a.dtype != torch.float32 or torch.is_grad_enabled() or b.numel() < 1 << 16:
+    if not _SELECTED.get() or a.device.type != "cpu" or a.dtype != torch.float32 or torch.is_grad_enabled() \
+            or b.numel() < 1 << 16:
         return a @ b  # small products: torch's call overhead is lower
     return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy()))
 
 
 @contextmanager
-def decoding_threads(model, rows: Optional[int]) -> Iterator[None]:
-    """While decoding ``rows`` sequences of ``model`` (anything with ``.device`` and ``.dtype``) on CPU
-    through the numpy path of :func:`linear`, run torch single-threaded so that its idle OpenMP workers
-    do not spin against BLAS's threads (measured: 48 ms vs 16 ms per step for a hidden-2048 model on 2
-    cores). The previous thread count is restored afterwards. ``rows=None`` changes nothing, and so does a
-    quantized model (:func:`rudalle_pipe.quantize_int8`), whose products run in torch's own int8 kernel."""
-    if rows is None or not uses_numpy_blas(model.device, model.dtype, rows) or getattr(model, "quantization", None):
+def cpu_decoding(model, rows: Optional[int]) -> Iterator[None]:
+    """Select this backend while decoding ``rows`` sequences of ``model`` (anything with ``.device`` and
+    ``.dtype``): on a CPU in fp32, :func:`linear` and :func:`matmul` take the numpy path, and torch runs
+    single-threaded so that its idle OpenMP workers do not spin against BLAS's threads (measured: 48 ms
+    vs 16 ms per step for a hidden-2048 model on 2 cores); both are undone on the way out. ``rows=None``,
+    another device or dtype, or more than ``SMALL_ROWS`` rows select nothing. A quantized model
+    (:func:`rudalle_pipe.quantize_int8`) keeps torch's threads: its products run in torch's int8 kernel."""
+    if rows is None or not _eligible(model.device, model.dtype, rows):
         yield
         return
+    selected = _SELECTED.set(True)
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if not getattr(model, "quantization", None):
+        torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(previous)
+        _SELECTED.reset(selected)
+
+
+decoding_threads = cpu_decoding  # its name before the backend was selected explicitly

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .backend import SMALL_ROWS, linear, matmul, uses_numpy_blas  # noqa: F401 (decoding path; re-exported)
+from .backend import SMALL_ROWS, linear, matmul, uses_numpy_blas  # noqa: F401 (torch, or the CPU decode backend
+# when the generation loop selects it with backend.cpu_decoding; re-exported)
 from .masks import build_masks, layer_mask_kinds
 
 logger = logging.getLogger(__name__)

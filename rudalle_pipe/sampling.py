@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checks import check_count, check_float, check_int
-from .backend import decoding_threads
+from .backend import cpu_decoding, decoding_threads
 from .dalle import DalleModel
 from .static_decode import StaticDecoder, resolve_decoder
 from .previews import GenerationCancelled, StepCallback, run_callback
@@ -277,11 +277,12 @@ def _sample_batch(dalle: DalleModel, text: torch.Tensor, uncond: Optional[torch.
     cache = dalle.init_cache(R) if use_cache else None
     out = step = None
     try:
-        out = dalle(prefix, past_key_values=cache, use_cache=use_cache,
-                    image_logits_only=True, last_only=True)  # prefill the texts once
+        with cpu_decoding(dalle, prefix.numel()):  # the CPU backend only where the prefill is a few rows
+            out = dalle(prefix, past_key_values=cache, use_cache=use_cache,
+                        image_logits_only=True, last_only=True)  # prefill the texts once
         logits = out.logits[:, -1]  # (R, vocab): image codes only
         step = StaticDecoder(dalle, cache) if static else None
-        with decoding_threads(dalle, R if use_cache else None):
+        with cpu_decoding(dalle, R if use_cache else None):  # selects the CPU decode backend (backend.py)
             for p in range(n_img):
                 logits = logits.float()
                 cond = logits[:B]
@@ -307,7 +308,8 @@ def _sample_batch(dalle: DalleModel, text: torch.Tensor, uncond: Optional[torch.
                                    image_logits_only=True, last_only=True).logits[:, -1]
                 else:  # what a model without a cache does: the whole sequence and all its logits again
                     seen = codes[:, : p + 1].repeat(R // B, 1)
-                    logits = dalle(torch.cat((prefix, seen), dim=1)).logits[:, -1, cfg.vocab_size:]
+                    with cpu_decoding(dalle, R * (prefix.shape[1] + p + 1)):
+                        logits = dalle(torch.cat((prefix, seen), dim=1)).logits[:, -1, cfg.vocab_size:]
     except BaseException:
         cache = out = step = logits = None  # noqa: F841 -- the traceback keeps this frame, not the cache
         raise

@@ -2,10 +2,14 @@
 for large weights, and torch's thread count is restored."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from rudalle_pipe import backend
+
+CPU_FP32 = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)  # what cpu_decoding reads of a model
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16])
@@ -18,13 +22,13 @@ def test_linear_matches_torch_and_takes_the_few_row_path_for_large_weights(rows,
     weight, bias = torch.randn(out, 1024), torch.randn(out)
     assert weight.numel() >= backend._PAIR_MIN_WEIGHT  # a ragged last block too
     x = torch.randn(rows, 1, 1024)
-    with torch.inference_mode():
+    with torch.inference_mode(), backend.cpu_decoding(CPU_FP32, rows):
         got = backend.linear(x, weight, bias)
     want = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
     assert got.shape == (rows, 1, weight.shape[0]) and got.dtype == torch.float32
     assert torch.allclose(got.double(), want, rtol=0, atol=1e-3)
     assert calls == ([rows] if 2 <= rows <= backend.PAIR_ROWS else [])
-    with torch.enable_grad():  # training: plain torch, with autograd
+    with torch.enable_grad(), backend.cpu_decoding(CPU_FP32, rows):  # training: plain torch, with autograd
         w = weight.clone().requires_grad_()
         backend.linear(x, w, bias).sum().backward()
     assert w.grad is not None and calls == ([rows] if 2 <= rows <= backend.PAIR_ROWS else [])
@@ -32,7 +36,7 @@ def test_linear_matches_torch_and_takes_the_few_row_path_for_large_weights(rows,
 
 def test_small_weights_and_wide_batches_use_one_product(monkeypatch):
     monkeypatch.setattr(backend, "_few_rows", lambda w, x: pytest.fail("blocked path for a small weight"))
-    with torch.inference_mode():
+    with torch.inference_mode(), backend.cpu_decoding(CPU_FP32, 2):
         x, weight = torch.randn(2, 64), torch.randn(32, 64)
         assert torch.allclose(backend.linear(x, weight), x @ weight.T, atol=1e-5)
 
@@ -49,3 +53,17 @@ def test_decoding_threads_restores_the_thread_count():
     assert torch.get_num_threads() == before
     with backend.decoding_threads(Model(), None):  # None: nothing changes
         assert torch.get_num_threads() == before
+
+
+def test_the_backend_is_selected_only_inside_cpu_decoding():
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    assert not backend.uses_numpy_blas(cpu, fp32, 1)  # a plain forward is the model alone
+    with backend.cpu_decoding(CPU_FP32, 1):
+        assert backend.uses_numpy_blas(cpu, fp32, 1) and not backend.uses_numpy_blas(cpu, torch.bfloat16, 1)
+    assert not backend.uses_numpy_blas(cpu, fp32, 1)
+    with backend.cpu_decoding(CPU_FP32, backend.SMALL_ROWS + 1):  # too many rows: nothing is selected
+        assert not backend.uses_numpy_blas(cpu, fp32, 1)
+    quantized = SimpleNamespace(device=cpu, dtype=fp32, quantization="int8")
+    before = torch.get_num_threads()
+    with backend.cpu_decoding(quantized, 1):  # int8 products run in torch: its threads stay
+        assert torch.get_num_threads() == before and backend.uses_numpy_blas(cpu, fp32, 1)

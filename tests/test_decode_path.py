@@ -1,13 +1,14 @@
 """An independent check of the CPU decoding path (rudalle_pipe.backend, re-exported by dalle.py).
 
-While decoding on a CPU in fp32, products of at most ``SMALL_ROWS`` rows go through numpy's BLAS (one
-row: sgemv; 2-4 rows with a large weight: blocked sgemv; more: sgemm), and every other test of a
-generation runs that same path on both sides of its comparison. Here the reference is always torch's
+While the generation loop selects the CPU backend (``backend.cpu_decoding``), fp32 products of at most
+``SMALL_ROWS`` rows go through numpy's BLAS (one row: sgemv; 2-4 rows with a large weight: blocked sgemv;
+more: sgemm), and every other test of a generation runs that same path on both sides of its comparison. Here the reference is always torch's
 own ``F.linear`` in float64, and the tests first prove that the numpy path really ran (torch's
 ``F.linear`` is replaced inside backend by one that fails on the rows decoding uses).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from rudalle_pipe import DalleConfig, DalleModel, backend, dalle
 
 DECODING_ROWS = (1, 2, 3, 4, 8, 64)  # batch x 1 position: one image, a guidance pair, ..., SMALL_ROWS
+CPU_FP32 = SimpleNamespace(device=torch.device("cpu"), dtype=torch.float32)  # what cpu_decoding reads of a model
 
 
 def _record_torch_linear(monkeypatch) -> list[int]:
@@ -48,7 +50,7 @@ def test_numpy_linear_equals_torch_at_decoding_row_counts(rows, shape, monkeypat
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(shape, generator=gen) / shape[1] ** 0.5
     bias, x = torch.randn(shape[0], generator=gen), torch.randn(rows, 1, shape[1], generator=gen)
-    with torch.inference_mode():
+    with torch.inference_mode(), backend.cpu_decoding(CPU_FP32, rows):
         got = dalle.linear(x, weight, bias)
     assert torch_calls == [], "the numpy path was not taken"
     large = weight.numel() >= backend._PAIR_MIN_WEIGHT
@@ -65,19 +67,20 @@ def test_numpy_linear_without_bias_and_with_strided_input(monkeypatch):
     gen = torch.Generator().manual_seed(7)
     weight = torch.randn(300, 64, generator=gen)
     x = torch.randn(3, 1, 128, generator=gen)[..., ::2]  # a non-contiguous view
-    with torch.inference_mode():
+    with torch.inference_mode(), backend.cpu_decoding(CPU_FP32, 3):
         got = dalle.linear(x, weight)
     assert torch_calls == []
     assert torch.allclose(got.double(), F.linear(x.double(), weight.double()), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["65 rows", "autograd", "float64"])
+@pytest.mark.parametrize("case", ["65 rows", "autograd", "float64", "not selected"])
 def test_products_outside_decoding_stay_on_torch(case, monkeypatch):
     torch_calls = _record_torch_linear(monkeypatch)
     rows = backend.SMALL_ROWS + 1 if case == "65 rows" else 4
     dtype = torch.float64 if case == "float64" else torch.float32
     x, weight = torch.randn(rows, 1, 32, dtype=dtype), torch.randn(16, 32, dtype=dtype)
-    with torch.enable_grad() if case == "autograd" else torch.inference_mode():
+    selected = backend.cpu_decoding(CPU_FP32, 4) if case != "not selected" else nullcontext()
+    with torch.enable_grad() if case == "autograd" else torch.inference_mode(), selected:
         out = dalle.linear(x, weight)
     assert torch_calls == [rows] and torch.allclose(out, F.linear(x, weight))
 
@@ -101,11 +104,12 @@ def test_cached_decoding_on_the_numpy_path_equals_a_float64_torch_forward(batch,
         out = model(ids[:, :config.text_seq_length], use_cache=True, image_logits_only=True, last_only=True)
         got = [out.logits[:, -1]]
         torch_calls, blocked = _record_torch_linear(monkeypatch), _record_few_rows(monkeypatch)
-        for t in range(steps - 1):
-            position = config.text_seq_length + t
-            out = model(ids[:, position:position + 1], past_key_values=out.past_key_values, use_cache=True,
-                        image_logits_only=True)
-            got.append(out.logits[:, -1])
+        with backend.cpu_decoding(model, batch):  # as sample_codes selects it
+            for t in range(steps - 1):
+                position = config.text_seq_length + t
+                out = model(ids[:, position:position + 1], past_key_values=out.past_key_values, use_cache=True,
+                            image_logits_only=True)
+                got.append(out.logits[:, -1])
     assert torch_calls == [], "a decoding step went through torch's F.linear"
     # per step and layer the two MLP products have >= 1M weight elements: blocked for 2-4 rows
     assert blocked == ([batch] * 2 * config.num_layers * (steps - 1) if 2 <= batch <= 4 else [])
