@@ -11,7 +11,7 @@ exactly torch's ``F.linear`` and ``@``, so the model's forward is the model alon
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -131,12 +131,38 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy()))
 
 
+SINGLE_THREAD_BYTES = 4 << 20  # models whose largest linear weight is smaller decode on one BLAS thread
+_CONTROLLER = None  # threadpoolctl's view of the loaded BLAS libraries, built on first use
+
+
+def _largest_linear_bytes(model) -> int:
+    modules = model.modules() if hasattr(model, "modules") else ()
+    return max((m.weight.numel() * m.weight.element_size() for m in modules if isinstance(m, torch.nn.Linear)),
+               default=0)
+
+
+def _blas_threads(model):
+    """One BLAS thread for a model whose weights fit in cache (as the demo's do), else no change. Splitting
+    such small products over two threads gains nothing alone, and when another process holds a core, the
+    waiting thread's spin stalls every product: beside one busy process, 16 demo images took 0.67 s on two
+    BLAS threads and 0.28 s on one (0.23 s and 0.20 s alone; ``benchmarks/contention.py``, 2-core AMD EPYC;
+    with two other jobs on the machine the two-thread run took 17 s)."""
+    global _CONTROLLER
+    if _largest_linear_bytes(model) >= SINGLE_THREAD_BYTES:
+        return nullcontext()
+    from threadpoolctl import ThreadpoolController
+
+    _CONTROLLER = _CONTROLLER or ThreadpoolController()
+    return _CONTROLLER.limit(limits=1, user_api="blas")
+
+
 @contextmanager
 def cpu_decoding(model, rows: Optional[int]) -> Iterator[None]:
     """Select this backend while decoding ``rows`` sequences of ``model`` (anything with ``.device`` and
     ``.dtype``): on a CPU in fp32, :func:`linear` and :func:`matmul` take the numpy path, and torch runs
     single-threaded so that its idle OpenMP workers do not spin against BLAS's threads (measured: 48 ms
-    vs 16 ms per step for a hidden-2048 model on 2 cores); both are undone on the way out. ``rows=None``,
+    vs 16 ms per step for a hidden-2048 model on 2 cores), and a small model's BLAS products run on one
+    thread (:func:`_blas_threads`); all of it is undone on the way out. ``rows=None``,
     another device or dtype, or more than ``SMALL_ROWS`` rows select nothing. A quantized model
     (:func:`rudalle_pipe.quantize_int8`) keeps torch's threads: its products run in torch's int8 kernel."""
     if rows is None or not _eligible(model.device, model.dtype, rows):
@@ -147,7 +173,8 @@ def cpu_decoding(model, rows: Optional[int]) -> Iterator[None]:
     if not getattr(model, "quantization", None):
         torch.set_num_threads(1)
     try:
-        yield
+        with _blas_threads(model):
+            yield
     finally:
         torch.set_num_threads(previous)
         _SELECTED.reset(selected)

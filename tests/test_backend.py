@@ -67,3 +67,23 @@ def test_the_backend_is_selected_only_inside_cpu_decoding():
     before = torch.get_num_threads()
     with backend.cpu_decoding(quantized, 1):  # int8 products run in torch: its threads stay
         assert torch.get_num_threads() == before and backend.uses_numpy_blas(cpu, fp32, 1)
+
+
+def _blas_threads_now() -> set[int]:
+    from threadpoolctl import threadpool_info
+
+    return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+
+@pytest.mark.parametrize("width", [64, 1100])  # largest linear weight 16 KB (one thread) or 4.8 MB (unchanged)
+def test_small_models_decode_on_one_blas_thread(width):
+    model = torch.nn.Sequential(torch.nn.Linear(width, width))
+    model.device, model.dtype = torch.device("cpu"), torch.float32
+    before = _blas_threads_now()
+    with backend.cpu_decoding(model, 1):
+        inside = _blas_threads_now()
+    assert _blas_threads_now() == before
+    if width * width * 4 < backend.SINGLE_THREAD_BYTES:
+        assert inside == {1}
+    else:
+        assert inside == before
