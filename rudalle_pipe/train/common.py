@@ -23,7 +23,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -106,6 +106,35 @@ def cosine_with_warmup(step: int, *, total: int, warmup: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@contextlib.contextmanager
+def keep_global_rng() -> Iterator[None]:
+    """Put Python's, numpy's and torch's global generators (CPU and every CUDA device) back as they were on
+    the way out: training seeds them (accelerate's ``set_seed``, for reproducible dropout), and the
+    caller's own random streams must not change because a model was trained."""
+    import numpy as np
+
+    python_state, numpy_state, cpu_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _keeps_global_rng(function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with keep_global_rng():
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
+@_keeps_global_rng
 def run_training(
     name: str,
     model: nn.Module,
@@ -134,7 +163,8 @@ def run_training(
             to also write the model in the Hugging Face layout); if it fails, the older checkpoint stays.
 
     Returns:
-        The unwrapped model and the losses of the steps run in this call.
+        The unwrapped model and the losses of the steps run in this call. The caller's global random
+        generators are as they were before the call (see :func:`keep_global_rng`).
 
     Raises:
         ValueError: ``out_dir/loss_log.csv`` was not written by this package (it is left unchanged).
