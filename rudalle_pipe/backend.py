@@ -135,10 +135,17 @@ SINGLE_THREAD_BYTES = 4 << 20  # models whose largest linear weight is smaller d
 _CONTROLLER = None  # threadpoolctl's view of the loaded BLAS libraries, built on first use
 
 
+def _linear_bytes(module) -> int:
+    """Bytes of a linear layer's weight: an ``nn.Linear``'s, or the int8 one of a quantized layer."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Int8Weight):
+        return weight.q.numel()
+    return weight.numel() * weight.element_size() if isinstance(module, torch.nn.Linear) else 0
+
+
 def _largest_linear_bytes(model) -> int:
     modules = model.modules() if hasattr(model, "modules") else ()
-    return max((m.weight.numel() * m.weight.element_size() for m in modules if isinstance(m, torch.nn.Linear)),
-               default=0)
+    return max(map(_linear_bytes, modules), default=0)
 
 
 def _blas_threads(model):

@@ -75,15 +75,21 @@ def _blas_threads_now() -> set[int]:
     return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
 
 
-@pytest.mark.parametrize("width", [64, 1100])  # largest linear weight 16 KB (one thread) or 4.8 MB (unchanged)
-def test_small_models_decode_on_one_blas_thread(width):
+@pytest.mark.parametrize("width,int8", [(64, False), (1100, False), (64, True), (2200, True)])
+def test_small_models_decode_on_one_blas_thread(width, int8):
+    """Largest linear weight 16 KB (one thread) or 4.8 MB (unchanged); int8 weights count their own
+    bytes: 4 KB (one thread) or 4.8 MB (unchanged, as for a quantized Malevich)."""
+    from rudalle_pipe.quantize import Int8Linear
+
     model = torch.nn.Sequential(torch.nn.Linear(width, width))
+    if int8:
+        model[0] = Int8Linear(model[0])
     model.device, model.dtype = torch.device("cpu"), torch.float32
     before = _blas_threads_now()
     with backend.cpu_decoding(model, 1):
         inside = _blas_threads_now()
     assert _blas_threads_now() == before
-    if width * width * 4 < backend.SINGLE_THREAD_BYTES:
+    if width * width * (1 if int8 else 4) < backend.SINGLE_THREAD_BYTES:
         assert inside == {1}
     else:
         assert inside == before
