@@ -39,6 +39,8 @@ from rudalle_pipe import DalleConfig, DalleModel
 from rudalle_pipe.sampling import sample_codes
 from rudalle_pipe.static_decode import StaticDecoder
 
+from scale import project_s  # benchmarks/scale.py: seconds over all positions from a fitted line
+
 MALEVICH_ORIGINAL = dict(num_layers=24, hidden_size=2048, num_attention_heads=16, embedding_dropout_prob=0.1,
                          output_dropout_prob=0.1, attention_dropout_prob=0.1, image_tokens_per_dim=32,
                          text_seq_length=128, cogview_sandwich_layernorm=True, cogview_pb_relax=True,
@@ -119,14 +121,6 @@ def original_step_ms(model, ids: torch.Tensor, position: int, timer: Timer) -> f
     return ms
 
 
-def project(points: dict[int, float], n: int) -> float:
-    """Seconds for positions ``0..n-1`` from a least-squares line through ``{position: ms}``."""
-    xs, ys = list(points), list(points.values())
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return sum(my + slope * (p - mx) for p in range(n)) / 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reference-src", help="folder holding the original rudalle/ source; omit to skip it")
@@ -172,7 +166,7 @@ def main() -> None:
                     cells["original"][P] = original_step_ms(original, ids, P, timer)
                 print(f"batch {B:2d} position {P:4d}: " + "  ".join(f"{c} {cells[c][P]:7.2f}" for c in columns),
                       flush=True)
-            tps = {c: B * cfg.image_seq_length / project(cells[c], cfg.image_seq_length) for c in columns}
+            tps = {c: B * cfg.image_seq_length / project_s(cells[c], cfg.image_seq_length) for c in columns}
             results["steps_ms"][B], results["tokens_per_s"][B] = cells, tps
             line = "  ".join(f"{c} {tps[c]:8.1f}" for c in columns)
             if original is not None:

@@ -76,21 +76,6 @@ def write_weights(path: str) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def read_bandwidth() -> float:
-    import torch
-
-    x = torch.ones(2**28)  # 1 GiB of fp32
-    x.sum()
-    best = min(_timed(x.sum) for _ in range(7))
-    return x.numel() * 4 / best
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def worker(fmt: str, weights: str, batches: list, positions: list, reps: int, full_run: bool) -> dict:
     """One format in this process: load, then step times. Returns the results as a dict."""
     import torch
@@ -98,7 +83,9 @@ def worker(fmt: str, weights: str, batches: list, positions: list, reps: int, fu
     from rudalle_pipe import get_rudalle_model
     from rudalle_pipe.quantize import quantize_int8
     from rudalle_pipe.sampling import decoding_threads, sample_codes
-    from rudalle_pipe.static_decode import BUCKET, StaticDecoder, resolve_decoder
+    from rudalle_pipe.static_decode import StaticDecoder, bucket_span, resolve_decoder
+
+    from generation import read_bandwidth  # benchmarks/generation.py: best streaming read of 1 GiB
 
     start = time.perf_counter()
     dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
@@ -141,7 +128,7 @@ def worker(fmt: str, weights: str, batches: list, positions: list, reps: int, fu
                     else:
                         cells[P] = median_ms(lambda: model(token[:, None], past_key_values=cache, use_cache=True,
                                                            image_logits_only=True, last_only=True), reps, reset)
-                attended = min(cfg.total_seq_length, -(-(length + 1) // BUCKET) * BUCKET) if decoder == "static" \
+                attended = bucket_span(length + 1, cfg.total_seq_length) if decoder == "static" \
                     else length + 1  # the static step without a graph spans whole buckets
                 kv_bytes = 2 * cfg.num_layers * B * attended * cfg.hidden_size * kv_elt
                 bound[P] = (weight_bytes + kv_bytes) / bandwidth * 1e3

@@ -25,7 +25,7 @@ from .dalle import DalleModel, KVCache
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DECODERS", "StaticDecoder", "resolve_decoder"]
+__all__ = ["DECODERS", "StaticDecoder", "bucket_span", "resolve_decoder"]
 
 DECODERS = ("auto", "dynamic", "static")
 BUCKET = 128  # without a graph, attention spans the filled cache rounded up to a multiple of this
@@ -46,6 +46,12 @@ def resolve_decoder(decoder: str, device: torch.device, use_cache: bool, dtype: 
     if decoder == "static" and not use_cache:
         raise ValueError("decoder='static' is a cached step: it needs use_cache=True")
     return decoder
+
+
+def bucket_span(filled: int, total: int) -> int:
+    """Positions attended over without a graph: ``filled`` rounded up to a multiple of ``BUCKET``, at most
+    ``total``."""
+    return min(total, -(-filled // BUCKET) * BUCKET)
 
 
 class StaticDecoder:
@@ -80,9 +86,7 @@ class StaticDecoder:
         """Cache positions the step attends over: all ``S`` in a graph; else the filled ones rounded up to a
         multiple of ``BUCKET``, so that only ``S / BUCKET`` shapes ever occur."""
         S = self.dalle.config.total_seq_length
-        if self.graph:
-            return S
-        return min(S, -(-(self.cache.length + 1) // BUCKET) * BUCKET)
+        return S if self.graph else bucket_span(self.cache.length + 1, S)
 
     def _step(self) -> torch.Tensor:
         """The step on the static inputs: ``self.token [R, 1]`` at ``self.position``. Returns ``[R, V_img]``."""
