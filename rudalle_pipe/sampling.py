@@ -275,12 +275,11 @@ def _sample_batch(dalle: DalleModel, text: torch.Tensor, uncond: Optional[torch.
     prefix = text if uncond is None else torch.cat((text, uncond))  # (R, T): R = B, or 2B pairs (i, B + i)
     R = prefix.shape[0]
     cache = dalle.init_cache(R) if use_cache else None
-    out = step = None
+    step = None
     try:
         with cpu_decoding(dalle, prefix.numel()):  # the CPU backend only where the prefill is a few rows
-            out = dalle(prefix, past_key_values=cache, use_cache=use_cache,
-                        image_logits_only=True, last_only=True)  # prefill the texts once
-        logits = out.logits[:, -1]  # (R, vocab): image codes only
+            logits = dalle(prefix, past_key_values=cache, use_cache=use_cache, image_logits_only=True,
+                           last_only=True).logits[:, -1]  # prefill the texts once: (R, vocab), image codes only
         step = StaticDecoder(dalle, cache) if static else None
         with cpu_decoding(dalle, R if use_cache else None):  # selects the CPU decode backend (backend.py)
             for p in range(n_img):
@@ -311,6 +310,6 @@ def _sample_batch(dalle: DalleModel, text: torch.Tensor, uncond: Optional[torch.
                     with cpu_decoding(dalle, R * (prefix.shape[1] + p + 1)):
                         logits = dalle(torch.cat((prefix, seen), dim=1)).logits[:, -1, cfg.vocab_size:]
     except BaseException:
-        cache = out = step = logits = None  # noqa: F841 -- the traceback keeps this frame, not the cache
+        cache = step = logits = None  # noqa: F841 -- the traceback keeps this frame, not the cache
         raise
     return codes.cpu(), nll.cpu(), n_img, None
