@@ -198,11 +198,12 @@ def build_app(models: dict[str, ServedModel], *, zips: Optional[ZipCache] = None
                     ip_mode = gr.Radio(list(PROMPT_MODES), value="none", label="keep parts of a picture",
                                        elem_id="image_prompt_mode")
                     editor = gr.ImageEditor(type="pil", label="picture (paint over what to redraw)",
-                                            elem_id="image_prompt", sources=["upload", "clipboard"])
+                                            elem_id="image_prompt", sources=["upload", "clipboard"], format="png")
                     with gr.Row():
-                        borders = [gr.Slider(0, max_side - 1, value=0, step=1, label=f"keep {k} (codes)")
+                        borders = [gr.Slider(0, max_side - 1, value=0, step=1, label=f"keep {k} (codes)",
+                                             elem_id=f"keep_{k}")
                                    for k in ("up", "down", "left", "right")]
-                    paste_back = gr.Checkbox(False, label="paste the kept pixels back")
+                    paste_back = gr.Checkbox(False, label="paste the kept pixels back", elem_id="paste_back")
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     stop = gr.Button("Stop", variant="stop", elem_id="stop")

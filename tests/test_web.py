@@ -217,7 +217,7 @@ def test_build_app_lays_out_the_page_without_launching(demo):
     for elem_id in ("prompt", "generate", "stop", "gallery", "download", "preview", "seed", "random_seed",
                     "top_p", "upscale", "use_as_prompt", "image_prompt"):
         assert elem_id in blocks, elem_id
-    assert blocks["gallery"].format == "png" and blocks["preview"].format == "png"
+    assert blocks["gallery"].format == blocks["preview"].format == blocks["image_prompt"].format == "png"
     assert not blocks["model"].visible  # one model: no picker
     assert "x4" in str(blocks["upscale_factor"].choices)
     assert app.delete_cache is not None

@@ -255,10 +255,33 @@ def test_upscale_then_download_the_zip(open_page, tmp_path):
 def test_bad_top_p_shows_a_readable_error(open_page):
     page = open_page()
     _prepare(page, RED_CIRCLE)
-    page.get_by_role("button", name="sampling").click()
+    page.locator("#sampling button.label-wrap").first.click()
     _set_number(page, "#top_p input", 0)
     page.click("#generate")
     message = page.get_by_text("top-p must be a finite number in (0, 1], got 0.0")
     message.first.wait_for(timeout=LONG)
     assert "Traceback" not in page.content()
     assert page.locator("#gallery img").count() == 0
+
+
+def test_a_result_used_as_image_prompt_keeps_its_top_rows(open_page):
+    import numpy as np
+
+    page = open_page()
+    _prepare(page, RED_CIRCLE, seed=0)
+    page.click("#generate")
+    first = _gallery_sources(page, 4)
+    source = np.asarray(_fetch_image(page, first[0]))
+    page.click("#use_as_prompt")
+    page.locator("#image_prompt_box button.label-wrap").first.click()
+    page.wait_for_function("document.querySelector('#status').innerText.includes('is now the image prompt')",
+                           timeout=LONG)
+    _set_number(page, "#keep_up input[type=number]", 4)  # keep the upper half (4 of the demo's 8 code rows)
+    page.locator("#paste_back input").set_checked(True)
+    _prepare(page, YELLOW_STAR, seed=7)
+    page.click("#generate")
+    page.wait_for_function(f"![...document.querySelectorAll('#gallery img')].some(i => {first!r}.includes(i.src))"
+                           " && document.querySelectorAll('#gallery img').length >= 4", timeout=LONG)
+    for src in _gallery_sources(page, 4):
+        drawn = np.asarray(_fetch_image(page, src))
+        assert np.array_equal(drawn[:32], source[:32])  # pasted back: the kept rows are the source's pixels
