@@ -278,3 +278,44 @@ def test_serve_help_imports_neither_torch_nor_gradio():
             "print([m for m in ('torch', 'gradio', 'PIL') if m in sys.modules])")
     done = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, check=True)
     assert done.stdout.strip().endswith("[]") and "--share" in done.stdout
+
+
+# ------------------------------------------------------------------------------ the Space
+def _space_module():
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("space_app", REPO_ROOT / "examples" / "space" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines functions only: nothing loads or launches on import
+    return module
+
+
+def test_the_space_offers_malevich_only_with_a_gpu(monkeypatch):
+    pytest.importorskip("gradio")
+    space = _space_module()
+    monkeypatch.setattr(space.torch.cuda, "is_available", lambda: False)
+    assert space.model_names() == ["demo"]
+    monkeypatch.setattr(space.torch.cuda, "is_available", lambda: True)
+    assert space.model_names() == ["demo", "Malevich"]
+    monkeypatch.setenv("RUDALLE_SPACE_MALEVICH", "0")
+    assert space.model_names() == ["demo"]
+
+
+@pytest.mark.slow
+def test_the_space_builds_the_same_page_on_the_demo(monkeypatch):
+    pytest.importorskip("gradio")
+    from conftest import REPO_ROOT
+
+    space = _space_module()
+    monkeypatch.setattr(space.torch.cuda, "is_available", lambda: False)
+    app = space.create_app()
+    ids = {getattr(b, "elem_id", None) for b in app.blocks.values()}
+    assert {"prompt", "generate", "stop", "gallery", "download"} <= ids and app.title == space.TITLE
+    front = (REPO_ROOT / "examples" / "space" / "README.md").read_text("utf-8").split("---")[1]
+    fields = dict(line.split(": ", 1) for line in front.strip().splitlines())
+    assert fields["sdk"] == "gradio" and fields["app_file"] == "app.py"
+    import gradio
+
+    assert fields["sdk_version"] == gradio.__version__  # the version the tests ran with
