@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import signal
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +62,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger.warning("--host %s: the page is reachable from other machines on this network", args.host)
     models = load_models(names, device=args.device, dtype=args.dtype, cache_dir=args.cache_dir)
     zips = ZipCache()
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a plain `kill` closes the server like Ctrl-C
     try:
         launch(build_app(models, zips=zips), host=args.host, port=args.port, share=args.share)
     finally:
-        zips.close()
+        signal.signal(signal.SIGTERM, previous)
+        zips.close()  # the zips this server offered: no per-user file outlives it
     return EXIT_OK
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def add_serve(subparsers, common: argparse.ArgumentParser) -> None:
@@ -78,7 +85,7 @@ def add_serve(subparsers, common: argparse.ArgumentParser) -> None:
                     "recommended top-k/top-p pairs, seeds, live previews, Stop, a gallery ranked by CLIP (or "
                     "perplexity), upscaling, image prompts and a zip download. Needs the web extra: "
                     'pip install "rudalle-pipe[web]".',
-        epilog="Exit status: 0 after Ctrl-C, 1 runtime failure (gradio missing, weights missing, port busy), "
+        epilog="Exit status: 0 after Ctrl-C or SIGTERM, 1 runtime failure (gradio missing, weights missing, port busy), "
                "2 bad command line.")
     p.add_argument("--model", action="append", default=None, metavar="NAME_OR_DIR",
                    help="a bundled pipeline, a Hub generator or a pipeline directory; repeat it to offer a "

@@ -344,7 +344,8 @@ def build_app(models: dict[str, ServedModel], *, zips: Optional[ZipCache] = None
                 factor_int = int(str(factor).lstrip("x"))
                 with model.lock:
                     big = upscale_image(image, model.upscaler(factor_int))
-            except (TypeError, ValueError) as err:
+            except Exception as err:  # noqa: BLE001 - e.g. an x8 upscaler not in the cache offline
+                logger.error("upscaling failed", exc_info=err)
                 raise fail(err) from None
             state.result.upscaled[state.selected] = (factor_int, big)
             old, state.zip_path = state.zip_path, write_zip(state.result, zips.new_path())

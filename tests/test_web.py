@@ -227,6 +227,15 @@ def test_build_app_lays_out_the_page_without_launching(demo):
         build_app({})
 
 
+def test_the_page_warns_about_words_outside_the_demo_vocabulary(demo):
+    from rudalle_pipe.web import ServedModel, _oov_text, _vocabulary_text
+
+    model = ServedModel("demo", demo, 64, (4,), 64, 8)
+    assert _oov_text(model, RED_CIRCLE) == ""
+    assert "рыжий, котик" in _oov_text(model, "рыжий котик на сером фоне")
+    assert "knows 37 words" in _vocabulary_text(model) and "треугольник" in _vocabulary_text(model)
+
+
 # ------------------------------------------------------------------------------ the command
 def run(capsys, *argv):
     code = main(list(argv))

@@ -79,6 +79,8 @@ def server(tmp_path_factory):
                 pass
             proc.wait()
         log.close()
+    assert proc.returncode == 0, (tmp / "serve.log").read_text()  # SIGTERM closes the server like Ctrl-C
+    assert not list(tmp.glob("rudalle_web_*")), "the server left its zip folder behind"
 
 
 @pytest.fixture(scope="module")
