@@ -17,7 +17,6 @@ every step, so sampling stops within one step.
 
 import logging
 import math
-import queue
 import threading
 import time
 from dataclasses import dataclass, field

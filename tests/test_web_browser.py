@@ -287,3 +287,27 @@ def test_a_result_used_as_image_prompt_keeps_its_top_rows(open_page):
     for src in _gallery_sources(page, 4):
         drawn = np.asarray(_fetch_image(page, src))
         assert np.array_equal(drawn[:32], source[:32])  # pasted back: the kept rows are the source's pixels
+
+
+def test_a_second_page_waits_and_sees_its_place_in_the_queue(open_page):
+    busy, waiting = open_page(), open_page()
+    _prepare(busy, RED_CIRCLE, candidates=256)
+    busy.click("#generate")
+    busy.wait_for_selector("#preview img", timeout=LONG)  # the model is drawing for the first page
+    _prepare(waiting, YELLOW_STAR, seed=1)
+    waiting.click("#generate")
+    waiting.wait_for_function("document.body.innerText.includes('queue: 1/')", timeout=LONG)
+    assert waiting.locator("#gallery img").count() == 0
+    busy.click("#stop")
+    _assert_draws(_fetch_image(waiting, _gallery_sources(waiting, 4)[0]), YELLOW_STAR)
+    busy.wait_for_function("document.querySelector('#status').innerText.includes('stopped after')", timeout=LONG)
+
+
+def test_examples_fill_the_prompt_and_unknown_words_are_flagged(open_page):
+    page = open_page()
+    assert "knows 37 words" in page.inner_text("#vocabulary")
+    page.get_by_text(YELLOW_STAR, exact=True).first.click()
+    page.wait_for_function(f"document.querySelector('#prompt textarea').value === {YELLOW_STAR!r}", timeout=LONG)
+    assert "not trained on" not in page.inner_text("#oov")
+    page.fill("#prompt textarea", "рыжий котик")
+    page.wait_for_function("document.querySelector('#oov').innerText.includes('рыжий, котик')", timeout=LONG)
