@@ -321,11 +321,9 @@ def build_app(models: dict[str, ServedModel], *, zips: Optional[ZipCache] = None
             state.pending = True
             return "waiting for its turn …"
 
-        def on_stop(state: Session):
-            if not state.pending:
-                return "nothing to stop"
-            state.cancel.set()  # read by the generation callback at its next step
-            return "stopping …"
+        def on_stop(state: Session) -> None:
+            if state.pending:  # the run itself reports that it stopped (no output here: it could land after that)
+                state.cancel.set()  # read by the generation callback at its next step
 
         def on_select(state: Session, evt: gr.SelectData):
             state.selected = int(evt.index)
@@ -367,7 +365,7 @@ def build_app(models: dict[str, ServedModel], *, zips: Optional[ZipCache] = None
                                            guidance, negative, ip_mode, editor, *borders, paste_back, session],
                              [seed, gallery, preview, upscaled, download, status], concurrency_limit=limit,
                              concurrency_id="generate")
-        stop.click(on_stop, [session], [status], queue=False)  # no cancels=: the run reports it stopped
+        stop.click(on_stop, [session], None, queue=False)  # no cancels=: the run reports it stopped
         gallery.select(on_select, [session], [status], queue=False)
         upscale.click(on_upscale, [scale, session], [upscaled, download, status], concurrency_limit=limit,
                       concurrency_id="generate")
