@@ -35,7 +35,7 @@ DEMO_EXAMPLES = ("большой красный круг в центре на с
                  "на чёрном фоне большой голубой ромб снизу", "большой фиолетовый треугольник справа на белом фоне")
 HUB_EXAMPLES = ("рыжий котик", "горы под облачным небом", "озеро в лесу на закате")
 MAX_UPLOAD_BYTES = 16 * 2**20  # uploads larger than this are refused by the server (launch(max_file_size=))
-PREVIEW_INTERVAL_S = 0.25  # at most one preview decode per this many seconds
+PREVIEW_INTERVAL_S = 0.25  # at most one preview decode per this many seconds (longer when decoding is slow)
 PREVIEW_ROWS = 16  # previews show at most this many candidates of the current batch
 DELETE_CACHE = (600, 3600)  # Gradio deletes its cached files older than 1 h, checking every 10 min
 
@@ -167,7 +167,8 @@ def build_app(models: dict[str, ServedModel], *, zips: Optional[ZipCache] = None
         return gr.Error(one_line(err) or type(err).__name__)
 
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=DELETE_CACHE) as app:
-        session = gr.State(Session(), delete_callback=lambda s: zips.discard(s.zip_path))
+        # a page's results are dropped when it closes, or an hour after its last change (its files are gone by then)
+        session = gr.State(Session(), time_to_live=DELETE_CACHE[1], delete_callback=lambda s: zips.discard(s.zip_path))
         gr.Markdown(f"# {title}\nText → images with ruDALL-E: generate candidates, rerank, upscale, download.")
         with gr.Row():
             with gr.Column(scale=2):
@@ -265,16 +266,18 @@ def build_app(models: dict[str, ServedModel], *, zips: Optional[ZipCache] = None
             yield {seed: settings.seed, gallery: [], preview: None, upscaled: None,
                    download: gr.update(value=None, interactive=False),
                    status: f"drawing {settings.num_images} candidates, seed {settings.seed} … {warn}"}
-            shared: dict[str, Any] = {"preview": None, "sent": None, "fraction": 0.0, "error": None, "last": 0.0}
+            shared: dict[str, Any] = {"preview": None, "sent": None, "fraction": 0.0, "error": None, "last": 0.0,
+                                      "interval": PREVIEW_INTERVAL_S}
             batches = -(-settings.num_images // settings.batch_size)
             done = threading.Event()
 
             def on_step(batch: int, step: int, total: int, codes) -> None:
                 shared["fraction"] = (batch * total + step) / (batches * total)
                 now = time.monotonic()
-                if step == total or now - shared["last"] >= PREVIEW_INTERVAL_S:
-                    shared["last"] = now
+                if step == total or now - shared["last"] >= shared["interval"]:
                     shared["preview"] = _grid(preview_images(codes[:PREVIEW_ROWS], model.pipe.vae, step))
+                    shared["last"] = time.monotonic()  # decoding takes at most a fifth of the drawing time:
+                    shared["interval"] = max(PREVIEW_INTERVAL_S, 4 * (shared["last"] - now))
 
             def work() -> None:
                 try:
