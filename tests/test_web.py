@@ -227,6 +227,22 @@ def test_build_app_lays_out_the_page_without_launching(demo):
         build_app({})
 
 
+@pytest.mark.slow
+def test_only_the_served_models_can_be_chosen(demo):
+    gr = pytest.importorskip("gradio")
+    from rudalle_pipe.web import ServedModel, Session, build_app
+
+    app = build_app({"demo": ServedModel("demo", demo, 64, (4,), 64, 8)})
+    generate = next(f.fn for f in app.fns.values() if getattr(f.fn, "__name__", "") == "on_generate")
+    args = [RED_CIRCLE, 4, 0, False, 512, 0.995, 1.0, 1.0, "", "none", None, 0, 0, 0, 0, False, Session()]
+    with pytest.raises(gr.Error, match="unknown model '/tmp/other'; this server offers: demo"):
+        next(generate("/tmp/other", *args))  # a path typed into the page (the picker only offers names)
+    with pytest.raises(gr.Error, match=r"top-p must be a finite number in \(0, 1\], got 0.0"):
+        next(generate("demo", *args[:5], 0.0, *args[6:]))
+    seed = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "seed")
+    assert next(generate("demo", *args))[seed] == 0  # a served model starts drawing, the seed shown
+
+
 def test_the_page_warns_about_words_outside_the_demo_vocabulary(demo):
     from rudalle_pipe.web import ServedModel, _oov_text, _vocabulary_text
 
