@@ -379,9 +379,6 @@ def build_app(models: dict[str, ServedModel], *, zips: Optional[ZipCache] = None
 
 def launch(app, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True) -> None:
     """Serve ``app`` (from :func:`build_app`) on ``host:port``; ``share`` asks Gradio for a public link."""
-    import gradio as gr
-
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],  # no web fonts: works offline
-                              font_mono=["ui-monospace", "monospace"])
+    # Gradio 6's default theme serves its fonts itself, so the page needs no network
     app.launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD_BYTES, show_error=False,
-               ssr_mode=False, theme=theme, prevent_thread_lock=not block, quiet=False)
+               ssr_mode=False, prevent_thread_lock=not block, quiet=False)

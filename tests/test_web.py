@@ -344,3 +344,19 @@ def test_the_space_builds_the_same_page_on_the_demo(monkeypatch):
     import gradio
 
     assert fields["sdk_version"] == gradio.__version__  # the version the tests ran with
+
+
+def test_launch_binds_localhost_and_limits_uploads():
+    pytest.importorskip("gradio")
+    from rudalle_pipe.web import MAX_UPLOAD_BYTES, launch
+
+    class App:
+        def launch(self, **kwargs):
+            self.kwargs = kwargs
+
+    app = App()
+    launch(app, block=False)
+    kw = app.kwargs
+    assert (kw["server_name"], kw["server_port"], kw["share"]) == ("127.0.0.1", 7860, False)
+    assert kw["max_file_size"] == MAX_UPLOAD_BYTES == 16 * 2**20 and kw["prevent_thread_lock"] is True
+    assert kw["ssr_mode"] is False and kw["show_error"] is False  # unexpected errors: one line, no traceback
