@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 from .checks import one_line
 from .web_jobs import (MAX_WEB_IMAGES, PROMPT_MODES, CancelFlag, GenerationResult, WebSettings, ZipCache, as_int,
                        caption, check_settings, make_prompt_spec, preset_pairs, resolve_seed, run_generation,
-                       upscale_image, write_zip)
+                       upscale_image, upscaled_name, write_zip)
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,6 @@ def build_app(models: dict[str, ServedModel], *, zips: Optional[ZipCache] = None
     import gradio as gr
 
     from .generation import GenerationCancelled
-    from .outputs import image_name
     from .previews import preview_images
 
     if not models:
@@ -352,7 +351,7 @@ def build_app(models: dict[str, ServedModel], *, zips: Optional[ZipCache] = None
             zips.discard(old)
             return (big, gr.update(value=str(state.zip_path), interactive=True),
                     f"#{state.selected + 1} upscaled to {big.width}x{big.height}; added to the zip as "
-                    f"{image_name(state.selected).replace('.png', f'_{factor}.png')}")
+                    f"{upscaled_name(state.selected, factor_int)}")
 
         def on_use(state: Session, mode: str):
             image = selected_image(state)

@@ -26,9 +26,10 @@ from .checks import check_float, check_int
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["WebSettings", "GenerationResult", "CancelFlag", "ZipCache", "PRESETS", "MAX_WEB_IMAGES",
-           "MAX_UPLOAD_SIDE", "PROMPT_MODES", "make_prompt_spec", "preset_pairs", "check_settings", "resolve_seed", "make_callback", "run_generation",
-           "upscale_image", "results_record", "write_zip", "check_upload"]
+__all__ = ["WebSettings", "GenerationResult", "CancelFlag", "ZipCache", "PRESETS", "MAX_WEB_IMAGES", "MAX_UPLOAD_SIDE",
+           "PROMPT_MODES", "as_int", "caption", "check_settings", "check_upload", "make_callback", "make_prompt_spec",
+           "preset_pairs", "resolve_seed", "results_record", "run_generation", "upscale_image", "upscaled_name",
+           "write_zip"]
 
 # The original ruDALL-E's recommended (top_k, top_p) pairs, best known first (README, generate_images).
 PRESETS = ((2048, 0.995), (1536, 0.99), (1024, 0.99))
@@ -215,7 +216,8 @@ def caption(result: GenerationResult, position: int) -> str:
     return " · ".join(parts)
 
 
-def _upscaled_name(position: int, scale: int) -> str:
+def upscaled_name(position: int, scale: int) -> str:
+    """Zip name of the image at rank ``position`` upscaled x``scale``: ``image_000_x4.png``."""
     from .outputs import image_name
 
     return image_name(position).replace(".png", f"_x{scale}.png")
@@ -241,7 +243,7 @@ def results_record(result: GenerationResult) -> dict:
                      "negative_prompt": s.negative_prompt, "rerank": s.num_images, "rank_by": result.rank_by},
         "images": [{"file": image_name(pos), **candidate(i), "prompt": s.prompt,
                     "size": list(result.candidates[i].size)} for pos, i in enumerate(result.order)],
-        "upscaled": [{"file": _upscaled_name(pos, scale), "rank": pos + 1, "scale": scale, "size": list(image.size)}
+        "upscaled": [{"file": upscaled_name(pos, scale), "rank": pos + 1, "scale": scale, "size": list(image.size)}
                      for pos, (scale, image) in sorted(result.upscaled.items())],
         "candidates": [candidate(i) for i in range(len(result.candidates))],
         "contact_sheet": {"file": CONTACT_SHEET, "nrow": sheet_columns(len(result.candidates)),
@@ -271,7 +273,7 @@ def write_zip(result: GenerationResult, path: Path) -> Path:
     for pos, i in enumerate(result.order):
         outputs.append((image_name(pos), lambda image=result.candidates[i]: png_bytes(image)))
     for pos, (scale, image) in sorted(result.upscaled.items()):
-        outputs.append((_upscaled_name(pos, scale), lambda image=image: png_bytes(image)))
+        outputs.append((upscaled_name(pos, scale), lambda image=image: png_bytes(image)))
     outputs.append((CONTACT_SHEET, lambda: png_bytes(contact_sheet(result.candidates, labels))))
     outputs.append((RESULTS, lambda: (json.dumps(record, indent=2, ensure_ascii=False, allow_nan=False)
                                       + "\n").encode("utf-8")))
