@@ -13,7 +13,8 @@ __all__ = ["cmd_finetune", "add_finetune"]
 _FINETUNE_FLAGS = {"steps": "--steps", "lr": "--lr", "batch_size": "--batch-size", "train": "--train",
                    "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "mixed_precision": "--mixed-precision",
                    "optimizer": "--optimizer", "checkpoint_every": "--checkpoint-every", "seed": "--seed",
-                   "gradient_checkpointing": "--gradient-checkpointing"}
+                   "gradient_checkpointing": "--gradient-checkpointing",
+                   "gradient_accumulation_steps": "--gradient-accumulation-steps"}
 
 
 def _finetune_usage(err: Exception) -> Exception:
@@ -52,7 +53,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                 lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                                 gradient_checkpointing=args.gradient_checkpointing,
                                 mixed_precision=args.mixed_precision, optimizer=args.optimizer,
-                                checkpoint_every=args.checkpoint_every, seed=args.seed)
+                                checkpoint_every=args.checkpoint_every, seed=args.seed,
+                                gradient_accumulation_steps=args.gradient_accumulation_steps)
     except (TypeError, ValueError) as err:
         raise _finetune_usage(err) from err
     if args.caption is not None and not args.caption.strip():
@@ -112,7 +114,11 @@ def add_finetune(subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=200, metavar="N",
                    help="optimizer steps, at most 10000000; a resume must keep it (default: 200)")
     p.add_argument("--lr", type=float, default=1e-4, metavar="LR", help="peak learning rate in (0, 10] (default: 1e-4)")
-    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="pictures per step, at most 4096 (default: 1)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B",
+                   help="pictures per step and process, at most 4096; under accelerate launch with N processes a "
+                        "step trains on N*B (default: 1)")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1, metavar="K",
+                   help="batches summed into one optimizer step, at most 4096 (default: 1)")
     p.add_argument("--train", default="all", metavar="PARTS",
                    help=f"comma-separated parts that learn, from {', '.join(TRAINABLE_PARTS)} (default: all)")
     p.add_argument("--lora-rank", type=int, default=0, metavar="R",

@@ -43,7 +43,7 @@ from torch import nn
 from .. import files
 from ..hub import load_pretrained, save_pretrained
 from ..vae import VQGAN, VQGANConfig
-from .common import (LoopConfig, all_scenes, batch_indices, is_main_process, render_scenes, run_training,
+from .common import (LoopConfig, Shard, all_scenes, is_main_process, render_scenes, run_training,
                      with_variants)
 
 logger = logging.getLogger(__name__)
@@ -265,14 +265,15 @@ def refine_decoder(vae: VQGAN, images: torch.Tensor, config: VQGANTrainConfig, o
     for p in params:
         p.requires_grad_(True)
 
-    def get_batch(step: int) -> dict:
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + 7_777_777 + step)
+    def get_batch(step: int, shard: Shard) -> dict:
+        gen = shard.generator(config.seed, 7_777_777 + step)
         idx = torch.multinomial(weights, config.batch_size, replacement=True, generator=gen)
         return {"codes": codes[idx], "images": images[idx]}
 
     loop = LoopConfig(steps=config.decoder_steps, lr=config.decoder_lr, warmup_steps=min(20, config.decoder_steps),
                       checkpoint_every=config.loop.checkpoint_every, log_every=config.loop.log_every,
-                      seed=config.seed)
+                      seed=config.seed, mixed_precision=config.loop.mixed_precision,
+                      gradient_accumulation_steps=config.loop.gradient_accumulation_steps)
     trainer, _ = run_training("vqgan-decoder", module, lambda m, b: m(**b), get_batch, loop,
                               out_dir, parameters=params, progress=progress)
     return trainer.vae.requires_grad_(False).eval()
@@ -305,11 +306,11 @@ def train(out_dir: str | Path, *, config: VQGANTrainConfig = VQGANTrainConfig(),
         vae = VQGAN(config.model)
     trainer = VQGANTrainer(vae, config.beta, config.usage_decay)
 
-    def get_batch(step: int) -> dict:
-        idx = batch_indices(step, len(images), config.batch_size, config.seed)
+    def get_batch(step: int, shard: Shard) -> dict:
+        idx = shard.indices(step, len(images), config.batch_size, config.seed)
         restart = (step + 1) % config.restart_every == 0 and step < config.restart_until * config.loop.steps
         batch = {"images": images[idx], "restart": restart and step >= config.ae_steps,
-                 "seed": config.seed * 1_000_003 + step, "quantize": step >= config.ae_steps}
+                 "seed": shard.seed(config.seed, step), "quantize": step >= config.ae_steps}
         if step == config.ae_steps and config.ae_steps > 0:  # switch to VQ: k-means the codebook first
             pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
             batch.update(kmeans_images=images[pick[: config.kmeans_images]], kmeans_iters=config.kmeans_iters)

@@ -1,0 +1,127 @@
+"""Data-parallel training on 2 CPU processes (gloo) against 1 process with the concatenated batch.
+
+Each launch is a real multi-process run (``torchrun`` or ``accelerate launch --multi_gpu``, never
+``--cpu``, which silently starts one process); every test asserts the world size it got. Temporary
+files, caches and torch's own scratch folders go under pytest's ``tmp_path``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+ACCELERATE_2 = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+TORCHRUN_2 = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+
+
+def launch_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a launched run: this checkout's code, offline, every scratch folder under tmp_path."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE",
+                                                                     "LOCAL_RANK", "MASTER_"))}
+    env.update(PYTHONPATH=str(REPO), TMPDIR=str(scratch), HF_HOME=str(scratch / "hf"), HF_HUB_OFFLINE="1",
+               TORCHINDUCTOR_CACHE_DIR=str(scratch / "inductor"), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def run(command: list[str], tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, cwd=tmp_path, env=launch_env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def train(tmp_path: Path, name: str, launcher: list[str], batch_size: int, accumulation: int) -> tuple[dict, dict]:
+    out = tmp_path / name
+    out.mkdir()
+    run([*launcher, str(TESTS / "dist_train_worker.py"), str(out), str(batch_size), str(accumulation)], tmp_path)
+    result = json.loads((out / "result.json").read_text())
+    return result, torch.load(out / "weights.pt")
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_with_the_concatenated_batch(tmp_path):
+    one, one_weights = train(tmp_path, "one", [sys.executable], batch_size=4, accumulation=1)
+    assert one["world_size"] == 1
+    runs = {"torchrun": train(tmp_path, "torchrun", TORCHRUN_2, batch_size=2, accumulation=1),
+            # 2 processes x 2 accumulated shards of 1 = the same 4 pairs per optimizer step
+            "accelerate+accumulation": train(tmp_path, "accelerate", ACCELERATE_2, batch_size=1, accumulation=2)}
+    for label, (result, weights) in runs.items():
+        assert result["world_size"] == 2, f"{label} started {result['world_size']} process(es), not 2"
+        assert len(result["losses"]) == len(one["losses"]) >= 5
+        assert result["losses"] == pytest.approx(one["losses"], abs=1e-5), label
+        assert weights.keys() == one_weights.keys()
+        for key, value in weights.items():
+            torch.testing.assert_close(value, one_weights[key], atol=1e-5, rtol=0, msg=f"{label}: {key}")
+    assert one["losses"][-1] < one["losses"][0]  # it trained
+    # only the main process wrote the loss log: one row per step, no duplicates from the second rank
+    rows = (tmp_path / "torchrun" / "run" / "loss_log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["step", *map(str, range(1, 7))]
+
+
+def test_shards_split_the_global_batch_and_keep_single_process_batches():
+    from rudalle_pipe.train.common import Shard, batch_indices
+
+    # one process sees what it always saw: part 0 of 1 is the whole batch, with the old seed
+    assert torch.equal(Shard().indices(5, 30, 4, seed=2), batch_indices(5, 30, 4, 2))
+    assert Shard().seed(2, 5) == 2 * 1_000_003 + 5
+    # 2 processes x 2 micro-steps of 3 = one process's batch of 12, in order micro-major
+    shards = [Shard(rank, 2, micro, 2) for micro in range(2) for rank in range(2)]
+    assert [s.part for s in shards] == [0, 1, 2, 3]
+    assert torch.equal(torch.cat([s.indices(7, 50, 3, seed=1) for s in shards]), batch_indices(7, 50, 12, 1))
+    assert len({s.seed(1, 7) for s in shards}) == 4  # every shard draws its own random choices
+    a, b = Shard(0, 2).generator(1, 7), Shard(1, 2).generator(1, 7)
+    assert not torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
+    with pytest.raises(ValueError, match="rank"):
+        Shard(2, 2)
+    with pytest.raises(ValueError, match="micro"):
+        Shard(0, 1, micro=1, accumulation=1)
+
+
+def test_gradient_accumulation_is_validated_and_must_match_the_accelerator(tmp_path):
+    from types import SimpleNamespace
+
+    from rudalle_pipe.train.common import LoopConfig, run_training
+
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        LoopConfig(steps=2, gradient_accumulation_steps=0)
+    config = LoopConfig(steps=2, gradient_accumulation_steps=2)
+    with pytest.raises(ValueError, match="accumulates 1 steps but gradient_accumulation_steps=2"):
+        run_training("x", torch.nn.Linear(2, 2), lambda m, b: m(b).sum(), lambda s, shard: torch.ones(1, 2), config,
+                     tmp_path, accelerator=SimpleNamespace(gradient_accumulation_steps=1))
+
+
+MIXED_PRECISION_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from tiny import tiny_dalle
+from rudalle_pipe.finetune import finetune
+from rudalle_pipe.train.common import LoopConfig, make_accelerator
+make_accelerator(LoopConfig(steps=1, mixed_precision="bf16"))  # as a first finetune(mixed_precision="bf16") does
+try:
+    finetune(tiny_dalle(), None, None, {missing!r}, out_dir={out!r}, steps=1, mixed_precision="no")
+except ValueError as err:
+    print("REFUSED:", err)
+"""
+
+
+@pytest.mark.slow
+def test_a_second_finetune_with_another_mixed_precision_is_refused_early(tmp_path):
+    """accelerate fixes mixed_precision once per process; the second finetune() names both values and
+    stops before it reads any data (the data folder does not even exist)."""
+    script = MIXED_PRECISION_SCRIPT.format(tests=str(TESTS), missing=str(tmp_path / "no-such-data"),
+                                           out=str(tmp_path / "out"))
+    done = run([sys.executable, "-c", script], tmp_path)
+    assert "REFUSED: mixed_precision='no' asked" in done.stdout
+    assert "mixed_precision='bf16'" in done.stdout and "new Python process" in done.stdout
+    assert not (tmp_path / "out").exists()
