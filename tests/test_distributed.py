@@ -41,12 +41,17 @@ def run(command: list[str], tmp_path: Path, timeout: float = 300) -> subprocess.
     return done
 
 
-def train(tmp_path: Path, name: str, launcher: list[str], batch_size: int, accumulation: int) -> tuple[dict, dict]:
+def train_args(tmp_path: Path, name: str, launcher: list[str], worker_args: list[str]) -> tuple[dict, dict]:
+    """Run tests/dist_train_worker.py under ``launcher``; its result.json and final weights."""
     out = tmp_path / name
     out.mkdir()
-    run([*launcher, str(TESTS / "dist_train_worker.py"), str(out), str(batch_size), str(accumulation)], tmp_path)
+    run([*launcher, str(TESTS / "dist_train_worker.py"), str(out), *worker_args], tmp_path)
     result = json.loads((out / "result.json").read_text())
     return result, torch.load(out / "weights.pt")
+
+
+def train(tmp_path: Path, name: str, launcher: list[str], batch_size: int, accumulation: int) -> tuple[dict, dict]:
+    return train_args(tmp_path, name, launcher, [str(batch_size), str(accumulation)])
 
 
 @pytest.mark.slow
@@ -125,3 +130,81 @@ def test_a_second_finetune_with_another_mixed_precision_is_refused_early(tmp_pat
     assert "REFUSED: mixed_precision='no' asked" in done.stdout
     assert "mixed_precision='bf16'" in done.stdout and "new Python process" in done.stdout
     assert not (tmp_path / "out").exists()
+
+
+EXAMPLES = REPO / "examples" / "accelerate"
+
+
+def test_example_accelerate_configs_parse_and_name_real_settings():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    from rudalle_pipe import dalle
+    from rudalle_pipe.cli import build_parser
+
+    lora = load_config_from_file(str(EXAMPLES / "multi_gpu_lora_kandinsky.yaml"))
+    assert lora.distributed_type == DistributedType.MULTI_GPU and lora.num_processes == 8
+    assert lora.mixed_precision == "fp16" and not lora.use_cpu
+    # the command in its header parses with this package's finetune flags
+    header = [line.lstrip("# ").rstrip(" \\") for line in (EXAMPLES / "multi_gpu_lora_kandinsky.yaml").read_text()
+              .splitlines()[1:4]]
+    argv = " ".join(header).split("-m rudalle_pipe ", 1)[1].split()
+    args = build_parser().parse_args(argv)
+    assert (args.lora_rank, args.mixed_precision, args.batch_size, args.gradient_checkpointing) == (16, "fp16", 2, True)
+    fsdp = load_config_from_file(str(EXAMPLES / "fsdp_kandinsky.yaml"))
+    assert fsdp.distributed_type == DistributedType.FSDP and fsdp.num_processes == 8
+    assert fsdp.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+    assert isinstance(getattr(dalle, fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]), type)
+
+
+def test_the_memory_numbers_in_the_examples_are_estimate_memorys():
+    from rudalle_pipe import DalleConfig
+    from rudalle_pipe.finetune import FinetuneConfig, estimate_memory
+    from rudalle_pipe.registry import PRETRAINED
+
+    kandinsky = DalleConfig(**PRETRAINED["Kandinsky"].config)
+    lora = FinetuneConfig(lora_rank=16, train=("attention", "mlp"), gradient_checkpointing=True)
+    text = (EXAMPLES / "multi_gpu_lora_kandinsky.yaml").read_text()
+    for b in (1, 2, 4, 8):
+        from dataclasses import replace
+
+        assert f"{b}: {estimate_memory(kandinsky, replace(lora, batch_size=b))['total_gib']:.1f} GiB" in text
+    full = estimate_memory(kandinsky, FinetuneConfig(gradient_checkpointing=True))
+    text = (EXAMPLES / "fsdp_kandinsky.yaml").read_text()
+    assert f"total {full['total_gib']:.1f} GiB" in text and f"optimizer {full['optimizer_gib']:.2f} GiB" in text
+    per_gpu = (full["trainable_weights_grads_gib"] + full["optimizer_gib"]) / 8 + full["activations_gib"]
+    assert f"= {per_gpu:.1f} GiB per GPU" in text
+
+
+def test_run_training_refuses_a_sharding_accelerator_before_any_work(tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from rudalle_pipe.train.common import LoopConfig, run_training
+
+    fake = SimpleNamespace(gradient_accumulation_steps=1, distributed_type=DistributedType.FSDP)
+    with pytest.raises(NotImplementedError, match="FSDP here.*--multi_gpu"):
+        run_training("x", torch.nn.Linear(2, 2), lambda m, b: m(b).sum(), lambda s, shard: torch.ones(1, 2),
+                     LoopConfig(steps=1), tmp_path / "run", accelerator=fake)
+    assert not (tmp_path / "run" / "loss_log.csv").exists()
+
+
+@pytest.mark.slow
+def test_the_fsdp_config_on_two_cpu_processes_falls_back_to_plain_data_parallel(tmp_path):
+    """What accelerate 1.15 does with the FSDP example on a machine without a GPU: FSDP needs a CUDA/XPU/NPU/...
+    device (its plugin asks for the current device), and an Accelerator(cpu=True) is MULTI_CPU, so the two
+    processes train data-parallel without sharding, and give the one-process losses."""
+    config = (EXAMPLES / "fsdp_kandinsky.yaml").read_text()
+    for old, new in (("num_processes: 8", "num_processes: 2"), ("mixed_precision: bf16", "mixed_precision: 'no'"),
+                     ("fsdp_cpu_ram_efficient_loading: true", "fsdp_cpu_ram_efficient_loading: false"),
+                     ("fsdp_sync_module_states: true", "fsdp_sync_module_states: false")):
+        assert old in config
+        config = config.replace(old, new)
+    (tmp_path / "fsdp2.yaml").write_text(config)
+    launcher = [str(BIN / "accelerate"), "launch", "--config_file", str(tmp_path / "fsdp2.yaml"),
+                "--main_process_port", "0"]
+    two, _ = train_args(tmp_path, "fsdp", launcher, ["2", "1", "none"])
+    one, _ = train_args(tmp_path, "one", [sys.executable], ["4", "1", "none"])
+    assert two["world_size"] == 2 and two["distributed_type"] == "MULTI_CPU"
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)

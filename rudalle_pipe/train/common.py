@@ -1,7 +1,8 @@
 """One training loop for every model the project trains, built on Hugging Face accelerate.
 
-The same code runs on one CPU, one GPU, or several GPUs and machines under ``accelerate launch``
-(DDP, FSDP or DeepSpeed from the accelerate config). It gives every stage:
+The same code runs on one CPU, one GPU, or several processes, GPUs and machines under ``accelerate
+launch`` or ``torchrun`` (data parallel: DDP; FSDP and DeepSpeed shard the model and are refused, see
+:func:`run_training`). It gives every stage:
 
 * AdamW with a linear warm-up and a cosine decay, and gradient clipping;
 * checkpoints every ``checkpoint_every`` steps through ``Accelerator.save_state`` (model, optimizer,
@@ -259,6 +260,7 @@ def run_training(
         generators are as they were before the call (see :func:`keep_global_rng`).
 
     Raises:
+        NotImplementedError: the accelerator shards the model (FSDP, DeepSpeed).
         ValueError: ``out_dir/loss_log.csv`` was not written by this package (it is left unchanged); the
             accelerator's accumulation or this process's accelerate ``mixed_precision`` differs from ``config``.
         FileExistsError: ``out_dir/checkpoint`` is a folder this package did not write.
@@ -272,6 +274,12 @@ def run_training(
     if accelerator.gradient_accumulation_steps != accumulation:
         raise ValueError(f"{name}: the accelerator accumulates {accelerator.gradient_accumulation_steps} steps but "
                          f"gradient_accumulation_steps={accumulation}; build it with make_accelerator(config)")
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    if kind in ("FSDP", "DEEPSPEED"):
+        raise NotImplementedError(
+            f"{name}: accelerate runs {kind} here, but run_training writes its exports and returns the model from "
+            "the main process's unwrapped module, which holds only a shard under FSDP or DeepSpeed ZeRO; data "
+            "parallel training (accelerate launch --multi_gpu) is supported: see README, 'Many prompts, many GPUs'")
     if accelerator.is_main_process:
         checkpoints.check_state_dir(out_dir)
     accelerator.wait_for_everyone()
