@@ -41,6 +41,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import FinetuneConfig, finetune, load_pairs
     from .pipeline import load_pipeline, resolve_pipeline
     from .train import runs
+    from .train.common import is_main_process, wait_for_everyone
 
     name = args.model or default_model()
     try:
@@ -80,12 +81,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         lines = [f"finetuned {name} on {len(pairs)} pictures for {config.steps} steps: loss "
                  f"{result.loss_before:.4f} -> {result.loss_after:.4f}"]
     lines.append(f"generator: {final}")
+    main = is_main_process()  # under accelerate launch: one process exports and reports
     if directory is not None:  # a bundled or local pipeline: the same chain with the new generator
-        target = runs.export_pipeline(directory, final, out / "pipeline")
+        target = out / "pipeline"
+        if main:
+            runs.export_pipeline(directory, final, target)
         lines.append(f"pipeline: {target}  (rudalle-pipe generate --model {target} \"TEXT\")")
     else:
         lines.append(f"load it with get_rudalle_model({str(final)!r}) in place of {name!r}")
-    sys.stdout.write("\n".join(lines) + "\n")
+    wait_for_everyone()
+    if main:
+        sys.stdout.write("\n".join(lines) + "\n")
     return EXIT_OK
 
 

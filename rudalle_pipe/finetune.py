@@ -321,7 +321,7 @@ def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, 
     package's marker are ever rotated away.
     """
     from .train import checkpoints, runs
-    from .train.common import Shard, check_mixed_precision, is_main_process, run_training
+    from .train.common import Shard, check_mixed_precision, is_main_process, run_training, wait_for_everyone
 
     if config is not None and options:
         raise TypeError(f"pass either config= or keyword options, not both (got {sorted(options)})")
@@ -402,6 +402,7 @@ def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, 
         files.atomic_write(out_dir / "result.json", json.dumps(summary, indent=2) + "\n")
         with files.atomic_directory(final) as folder:  # last: final/ exists only when everything is written
             _save_model(model, folder)
+    wait_for_everyone()  # every process returns once final/ is complete
     logger.info("finetune: loss %.4f -> %.4f; model saved to %s", loss_before, loss_after, final)
     return FinetuneResult(model=model, path=final, losses=losses, loss_before=loss_before, loss_after=loss_after,
                           trainable_parameters=n_trainable)

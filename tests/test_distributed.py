@@ -208,3 +208,30 @@ def test_the_fsdp_config_on_two_cpu_processes_falls_back_to_plain_data_parallel(
     one, _ = train_args(tmp_path, "one", [sys.executable], ["4", "1", "none"])
     assert two["world_size"] == 2 and two["distributed_type"] == "MULTI_CPU"
     assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_the_finetune_command_runs_unchanged_under_accelerate_launch(tmp_path):
+    """`accelerate launch ... -m rudalle_pipe finetune` with the same flags as one process: 2 processes (one
+    RNG file each), one writer of the loss log, the finished model in final/."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = ["file,caption"]
+    for i, (colour, caption) in enumerate([((230, 40, 40), "красный круг"), ((40, 60, 230), "синий квадрат")] * 2):
+        Image.new("RGB", (48, 48), colour).save(data / f"{i}.png")
+        rows.append(f"{i}.png,{caption}")
+    (data / "captions.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    done = run([*ACCELERATE_2, "-m", "rudalle_pipe", "finetune", str(data), "--out", str(tmp_path / "run"), "--model", "demo",
+         "--steps", "3", "--batch-size", "1", "--gradient-accumulation-steps", "2", "--checkpoint-every", "2",
+         "--lr", "1e-3", "--no-progress"], tmp_path)
+    out = tmp_path / "run"
+    assert done.stdout.count("finetuned demo") == 1, done.stdout  # one report, from the main process
+    assert sorted(p.name for p in (out / "checkpoint").glob("random_states_*.pkl")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]  # two processes really trained
+    # log_every defaults to 10: one row at the last step, written once (not once per process)
+    assert [line.split(",")[0] for line in (out / "loss_log.csv").read_text().splitlines()[1:]] == ["3"]
+    assert (out / "pipeline" / "pipeline.json").is_file()  # exported once, by the main process
+    assert (out / "final").is_dir() and json.loads((out / "result.json").read_text())["steps"] == 3
+    assert json.loads((out / "finetune.json").read_text())["settings"]["gradient_accumulation_steps"] == 2

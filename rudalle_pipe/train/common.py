@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LoopConfig", "OPTIMIZERS", "MAX_STEPS", "MAX_SEED", "MAX_LR", "make_optimizer", "run_training",
            "cosine_with_warmup", "all_scenes", "all_captions", "render_scenes", "with_variants", "batch_indices",
-           "is_main_process", "Shard", "make_accelerator", "check_mixed_precision"]
+           "is_main_process", "wait_for_everyone", "Shard", "make_accelerator", "check_mixed_precision"]
 
 
 OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")
@@ -430,3 +430,11 @@ def is_main_process() -> bool:
     # the same device choice as run_training's Accelerator: the first PartialState fixes the process
     # group for the whole program, and one made without cpu=True on a CPU-only machine is not distributed
     return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+
+
+def wait_for_everyone() -> None:
+    """A barrier of every process under ``accelerate launch`` / ``torchrun`` (returns at once otherwise), so
+    that files the main process writes exist for all of them afterwards."""
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
