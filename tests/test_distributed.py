@@ -223,9 +223,9 @@ def test_the_finetune_command_runs_unchanged_under_accelerate_launch(tmp_path):
         Image.new("RGB", (48, 48), colour).save(data / f"{i}.png")
         rows.append(f"{i}.png,{caption}")
     (data / "captions.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    done = run([*ACCELERATE_2, "-m", "rudalle_pipe", "finetune", str(data), "--out", str(tmp_path / "run"), "--model", "demo",
-         "--steps", "3", "--batch-size", "1", "--gradient-accumulation-steps", "2", "--checkpoint-every", "2",
-         "--lr", "1e-3", "--no-progress"], tmp_path)
+    done = run([*ACCELERATE_2, "-m", "rudalle_pipe", "finetune", str(data), "--out", str(tmp_path / "run"),
+                "--model", "demo", "--steps", "3", "--batch-size", "1", "--gradient-accumulation-steps", "2",
+                "--checkpoint-every", "2", "--lr", "1e-3", "--no-progress"], tmp_path)
     out = tmp_path / "run"
     assert done.stdout.count("finetuned demo") == 1, done.stdout  # one report, from the main process
     assert sorted(p.name for p in (out / "checkpoint").glob("random_states_*.pkl")) == [
@@ -235,3 +235,20 @@ def test_the_finetune_command_runs_unchanged_under_accelerate_launch(tmp_path):
     assert (out / "pipeline" / "pipeline.json").is_file()  # exported once, by the main process
     assert (out / "final").is_dir() and json.loads((out / "result.json").read_text())["steps"] == 3
     assert json.loads((out / "finetune.json").read_text())["settings"]["gradient_accumulation_steps"] == 2
+
+
+@pytest.mark.slow
+def test_the_demo_training_command_runs_unchanged_under_accelerate_launch(tmp_path):
+    """`accelerate launch ... -m rudalle_pipe.train demo --quick`: all five stages on 2 processes (the tokenizer
+    built once, each stage's final/ complete before the next stage reads it, the VQGAN's unused codebook
+    tolerated during its autoencoder warm-up), and one pipeline."""
+    out = tmp_path / "demo"
+    run([*ACCELERATE_2, "-m", "rudalle_pipe.train", "demo", "--out", str(out), "--quick", "--no-progress"], tmp_path,
+        timeout=600)
+    assert (out / "pipeline" / "pipeline.json").is_file()
+    for stage in ("vqgan", "dalle", "clip", "realesrgan"):
+        assert (out / stage / "final").is_dir(), stage
+        assert sorted(p.name for p in (out / stage / "checkpoint").glob("random_states_*.pkl")) == [
+            "random_states_0.pkl", "random_states_1.pkl"], stage
+        steps = [line.split(",")[0] for line in (out / stage / "loss_log.csv").read_text().splitlines()[1:]]
+        assert steps and len(steps) == len(set(steps)), stage  # one writer

@@ -185,14 +185,17 @@ def check_mixed_precision(mixed_precision: str) -> None:
                              f"mixed_precision={current!r} or start a new Python process")
 
 
-def make_accelerator(config: "LoopConfig") -> Any:
+def make_accelerator(config: "LoopConfig", *, find_unused_parameters: bool = False) -> Any:
     """The ``accelerate.Accelerator`` for ``config`` (precision, gradient accumulation; CPU without CUDA),
-    after :func:`check_mixed_precision`."""
+    after :func:`check_mixed_precision`. ``find_unused_parameters``: DDP tolerates parameters that some
+    steps do not use (the VQGAN's codebook during its autoencoder warm-up)."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
     check_mixed_precision(config.mixed_precision)
     return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(),
-                       gradient_accumulation_steps=config.gradient_accumulation_steps)
+                       gradient_accumulation_steps=config.gradient_accumulation_steps,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)])
 
 
 @contextlib.contextmanager
@@ -236,6 +239,7 @@ def run_training(
     progress: bool = True,
     accelerator: Any = None,
     on_checkpoint: Callable[[nn.Module, int], None] | None = None,
+    find_unused_parameters: bool = False,
 ) -> tuple[nn.Module, list[float]]:
     """Train ``model`` to ``config.steps`` steps, resuming from the newest complete checkpoint in
     ``out_dir`` (see :mod:`rudalle_pipe.train.checkpoints` for the crash-proof layout).
@@ -253,6 +257,7 @@ def run_training(
         on_checkpoint: called on the main process as ``on_checkpoint(unwrapped_model, step)`` at
             every checkpoint, after the state is written and before it becomes the current one (e.g.
             to also write the model in the Hugging Face layout); if it fails, the older checkpoint stays.
+        find_unused_parameters: see :func:`make_accelerator` (used only when it builds the accelerator).
 
     Returns:
         The unwrapped model and the losses of the steps run in this call (each the mean over the step's
@@ -269,7 +274,7 @@ def run_training(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = accelerator or make_accelerator(config)
+    accelerator = accelerator or make_accelerator(config, find_unused_parameters=find_unused_parameters)
     accumulation = config.gradient_accumulation_steps
     if accelerator.gradient_accumulation_steps != accumulation:
         raise ValueError(f"{name}: the accelerator accumulates {accelerator.gradient_accumulation_steps} steps but "

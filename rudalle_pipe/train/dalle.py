@@ -33,6 +33,7 @@ from ..generation import empty_text_ids
 from ..tokenizer import YTTMTokenizer, prepare_text
 from ..vae import VQGAN
 from .common import (LoopConfig, Shard, all_captions, all_scenes, is_main_process, render_scenes, run_training,
+                     wait_for_everyone,
                      with_variants)
 
 logger = logging.getLogger(__name__)
@@ -223,4 +224,5 @@ def train(out_dir: str | Path, *, config: DalleTrainConfig = DalleTrainConfig(),
         files.atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
         with files.atomic_directory(final) as folder:  # last: final/ exists only when complete
             model.save_pretrained(folder)
+    wait_for_everyone()  # every process returns once final/ is complete
     return final

@@ -43,7 +43,7 @@ from torch import nn
 from .. import files
 from ..hub import load_pretrained, save_pretrained
 from ..vae import VQGAN, VQGANConfig
-from .common import (LoopConfig, Shard, all_scenes, is_main_process, render_scenes, run_training,
+from .common import (LoopConfig, Shard, all_scenes, is_main_process, render_scenes, run_training, wait_for_everyone,
                      with_variants)
 
 logger = logging.getLogger(__name__)
@@ -209,6 +209,10 @@ class VQGANTrainer(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         pick = torch.randint(len(flat), (len(dead),), generator=gen).to(flat.device)
         self.vae.quantize.embed.weight[dead] = flat[pick].to(self.vae.quantize.embed.weight.dtype)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # data parallel: each process drew from its own batch; all take rank 0's codes (DDP keeps the
+            # usage buffer equal by broadcasting rank 0's, so every process restarts at the same steps)
+            torch.distributed.broadcast(self.vae.quantize.embed.weight.data, src=0)
         self.usage[dead] = self.usage.mean()
         self.restarted += len(dead)
 
@@ -317,7 +321,7 @@ def train(out_dir: str | Path, *, config: VQGANTrainConfig = VQGANTrainConfig(),
         return batch
 
     trainer, losses = run_training("vqgan", trainer, lambda m, b: m(**b), get_batch, config.loop, out_dir,
-                                   progress=progress)
+                                   progress=progress, find_unused_parameters=True)  # no codebook while ae_steps
     restarted = int(trainer.restarted)
     vae = sync_proj(trainer.vae.eval())
     if config.decoder_steps:
@@ -335,6 +339,7 @@ def train(out_dir: str | Path, *, config: VQGANTrainConfig = VQGANTrainConfig(),
         files.atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
         with files.atomic_directory(final) as folder:  # last: final/ exists only when complete
             save_pretrained(vae, vae.config, folder, model_type="vqgan")
+    wait_for_everyone()  # every process returns once final/ is complete
     return final
 
 
