@@ -157,7 +157,10 @@ def test_example_accelerate_configs_parse_and_name_real_settings():
     assert isinstance(getattr(dalle, fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"]), type)
 
 
+@pytest.mark.slow
 def test_the_memory_numbers_in_the_examples_are_estimate_memorys():
+    from dataclasses import replace
+
     from rudalle_pipe import DalleConfig
     from rudalle_pipe.finetune import FinetuneConfig, estimate_memory
     from rudalle_pipe.registry import PRETRAINED
@@ -166,14 +169,23 @@ def test_the_memory_numbers_in_the_examples_are_estimate_memorys():
     lora = FinetuneConfig(lora_rank=16, train=("attention", "mlp"), gradient_checkpointing=True)
     text = (EXAMPLES / "multi_gpu_lora_kandinsky.yaml").read_text()
     for b in (1, 2, 4, 8):
-        from dataclasses import replace
-
         assert f"{b}: {estimate_memory(kandinsky, replace(lora, batch_size=b))['total_gib']:.1f} GiB" in text
     full = estimate_memory(kandinsky, FinetuneConfig(gradient_checkpointing=True))
     text = (EXAMPLES / "fsdp_kandinsky.yaml").read_text()
     assert f"total {full['total_gib']:.1f} GiB" in text and f"optimizer {full['optimizer_gib']:.2f} GiB" in text
     per_gpu = (full["trainable_weights_grads_gib"] + full["optimizer_gib"]) / 8 + full["activations_gib"]
     assert f"= {per_gpu:.1f} GiB per GPU" in text
+    # the README's table: one row per model and setting, batch 1, 2, 4, 8
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    settings = {"everything (AdamW)": FinetuneConfig(gradient_checkpointing=True),
+                "everything (Adafactor)": FinetuneConfig(gradient_checkpointing=True, optimizer="adafactor"),
+                "LoRA r=16 on attention + MLP": lora}
+    for model, label in (("Malevich", "Malevich 1.3B"), ("Kandinsky", "Kandinsky 12B")):
+        config = DalleConfig(**PRETRAINED[model].config)
+        for what, options in settings.items():
+            cells = " | ".join(f"{estimate_memory(config, replace(options, batch_size=b))['total_gib']:.1f}"
+                               for b in (1, 2, 4, 8))
+            assert f"| {label}, {what} | {cells} |" in readme
 
 
 def test_run_training_refuses_a_sharding_accelerator_before_any_work(tmp_path):
