@@ -15,7 +15,8 @@
   within its prompt; null with ``--rerank 0``), plus ``prompt_index`` and the prompt of each kept image.
 
 Every argument, the output folder and its free space are checked before any model loads (exit 2 for
-a bad command line, see :mod:`rudalle_pipe.cli`).
+a bad command line, see :mod:`rudalle_pipe.cli`). ``--prompts FILE`` (instead of TEXT) runs the chain once per
+prompt of a file, on one process or several: :mod:`rudalle_pipe.prompt_file`.
 """
 from __future__ import annotations
 

@@ -244,7 +244,8 @@ def cmd_generate_prompts(args: argparse.Namespace) -> int:
     from .cli_generate import _check_guidance_args, _check_rank_args, _resolve_upscale, run_chain
     from .cli_image_prompt import check_image_prompt_args
     from .generation import check_sampling_args
-    from .outputs import image_name
+    from .files import check_writable_dir
+    from .outputs import estimate_bytes, image_name
     from .pipeline import load_pipeline
 
     # 1. check everything that needs no weights, on every process (the same answer everywhere)
@@ -286,6 +287,10 @@ def cmd_generate_prompts(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
+    scale = 1 if args.upscale == "none" else int(args.upscale[1:])
+    needed = sum(estimate_bytes(num_images=o.num_images, kept=o.rerank or o.num_images, side=source.image_side,
+                                scale=scale, text=o.text[0]) for o in per_prompt)
+    check_writable_dir(out, needed_bytes=needed, what="--out")  # room for every prompt (finished ones included)
     state, world = _dist()
     main = state is None or state.is_main_process
     settings = _settings(args, source)
@@ -297,8 +302,8 @@ def cmd_generate_prompts(args: argparse.Namespace) -> int:
     if main:
         try:
             plan = [_plan(args, out, specs, settings, digest, world)]
-        except (FileExistsError, OSError) as err:
-            error, plan = err, [("error", str(err))]
+        except Exception as err:  # noqa: BLE001 - told to every process, then raised here as it was
+            error, plan = err, [("error", f"{type(err).__name__}: {err}")]
     if state is not None:
         from accelerate.utils import broadcast_object_list
 

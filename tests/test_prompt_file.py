@@ -62,6 +62,14 @@ def test_a_bad_prompt_file_stops_before_any_model_loads(tmp_path, capsys, monkey
     assert not (tmp_path / "out").exists()
     assert main(["generate", "круг", "--prompts", str(prompts), *FAST]) == EXIT_USAGE  # TEXT or --prompts
     assert "not both" in capsys.readouterr().err
+    # a folder holding the user's files (and no run.json) is never written into
+    prompts.write_text('{"text": "круг"}\n', encoding="utf-8")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main(["generate", "--prompts", str(prompts), "--out", str(mine), *FAST]) == 1
+    assert "is not empty and holds no run.json" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.slow
