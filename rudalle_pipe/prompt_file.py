@@ -33,6 +33,7 @@ import logging
 import os
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,7 +316,8 @@ def cmd_generate_prompts(args: argparse.Namespace) -> int:
     if not pending:
         if main:
             _write_manifest(out, specs, seeds)
-        logger.info("every prompt of %s is already done in %s", path, out)
+        if main:
+            sys.stdout.write(f"every prompt of {path} is already done in {out} ({MANIFEST}); nothing to do\n")
         return EXIT_OK
 
     # 3. load the pipeline on this process's device
@@ -358,5 +360,7 @@ def cmd_generate_prompts(args: argparse.Namespace) -> int:
     bar.close()
     if state is not None:
         state.wait_for_everyone()
-    logger.info("%d prompts in %s (%s)", len(specs), out, MANIFEST)
+    if main:
+        sys.stdout.write(f"wrote {todo} images for {len(pending)} of {len(specs)} prompts to {out} "
+                         f"({MANIFEST}, {RUN_RECORD})\n")
     return EXIT_OK

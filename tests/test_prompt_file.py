@@ -102,6 +102,11 @@ def test_an_interrupted_prompt_run_resumes_to_the_same_bytes(tmp_path, monkeypat
     assert done == ["0002-зелёный-треугольник", "0003-жёлтая-звезда"]
     assert tree(resumed) == tree(straight)
     assert json.loads((resumed / "run.json").read_text())["base_seed"] == base
+    assert "wrote 4 images for 2 of 4 prompts to" in capsys.readouterr().out
+    # a third run finds nothing to do and says so, drawing nothing
+    done.clear()
+    assert main(["generate", "--prompts", str(prompts), "--out", str(resumed), *FAST]) == 0
+    assert done == [] and "nothing to do" in capsys.readouterr().out and tree(resumed) == tree(straight)
     # another setting in the same folder is refused, naming it
     code = main(["generate", "--prompts", str(prompts), "--out", str(resumed), *FAST, "--num-images", "3"])
     assert code == 1 and "'num_images': (2, 3)" in capsys.readouterr().err
