@@ -398,7 +398,7 @@ def test_corrupt_codes_caches_are_rebuilt(tmp_path, tokenizer, caplog):
         assert torch.equal(torch.load(cache, weights_only=True)["codes"], ids[:, dalle.config.text_seq_length:])
 
     from rudalle_pipe.train import dalle as dalle_stage
-    from rudalle_pipe.train.common import all_scenes
+    from rudalle_pipe.train.scenes import all_scenes
     from rudalle_pipe.vae import VQGAN
 
     from test_train import TINY_VQGAN

@@ -17,7 +17,8 @@ from rudalle_pipe.train import dalle as dalle_stage
 from rudalle_pipe.train import vqgan as vqgan_stage
 from rudalle_pipe.train.bpe import learn_bpe, train_bpe
 from rudalle_pipe.train import common
-from rudalle_pipe.train.common import LoopConfig, all_captions, all_scenes, batch_indices, render_scenes
+from rudalle_pipe.train.common import LoopConfig, batch_indices
+from rudalle_pipe.train.scenes import all_captions, all_scenes, render_scenes
 from rudalle_pipe.vae import VQGAN, VQGANConfig
 
 TINY_VQGAN = VQGANConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), z_channels=8,

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from rudalle_pipe import files, shapes
 from rudalle_pipe.clip import ClipBundle, YTTMClipTokenizer, save_clip
 from rudalle_pipe.tokenizer import YTTMTokenizer
-from rudalle_pipe.train.common import (LoopConfig, Shard, all_captions, all_scenes, make_accelerator, render_scenes,
-                                       run_training, with_variants)
+from rudalle_pipe.train.common import LoopConfig, Shard, make_accelerator, run_training
+from rudalle_pipe.train.scenes import all_captions, all_scenes, render_scenes, with_variants
 
 logger = logging.getLogger(__name__)
 

@@ -32,9 +32,8 @@ from ..dalle import DalleConfig, DalleModel
 from ..generation import empty_text_ids
 from ..tokenizer import YTTMTokenizer, prepare_text
 from ..vae import VQGAN
-from .common import (LoopConfig, Shard, all_captions, all_scenes, is_main_process, render_scenes, run_training,
-                     wait_for_everyone,
-                     with_variants)
+from .common import LoopConfig, Shard, is_main_process, run_training, wait_for_everyone
+from .scenes import all_captions, all_scenes, render_scenes, with_variants
 
 logger = logging.getLogger(__name__)
 

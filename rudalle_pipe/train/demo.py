@@ -27,7 +27,8 @@ from typing import Any
 from .. import files
 from ..pipeline import BUNDLED_DIR, FORMAT
 from ..vae import VQGANConfig
-from .common import LoopConfig, all_captions, all_scenes, is_main_process, wait_for_everyone
+from .common import LoopConfig, is_main_process, wait_for_everyone
+from .scenes import all_captions, all_scenes
 from .dalle import DalleTrainConfig
 from .vqgan import VQGANTrainConfig
 

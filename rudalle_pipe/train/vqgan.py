@@ -43,8 +43,8 @@ from torch import nn
 from .. import files
 from ..hub import load_pretrained, save_pretrained
 from ..vae import VQGAN, VQGANConfig
-from .common import (LoopConfig, Shard, all_scenes, is_main_process, render_scenes, run_training, wait_for_everyone,
-                     with_variants)
+from .common import LoopConfig, Shard, is_main_process, run_training, wait_for_everyone
+from .scenes import all_scenes, render_scenes, with_variants
 
 logger = logging.getLogger(__name__)
 
