@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["SMALL_ROWS", "PAIR_ROWS", "BLOCK_BYTES", "uses_numpy_blas", "linear", "matmul", "cpu_decoding",
-           "decoding_threads", "Int8Weight", "quantize_weight"]
+           "decoding_threads", "small_tensor_threads", "Int8Weight", "quantize_weight"]
 
 SMALL_ROWS = 64  # rows (batch x new positions) up to which decoding uses the numpy path
 PAIR_ROWS = 4  # up to this many rows, large weights are read from memory once, block by block (_few_rows)
@@ -188,3 +188,22 @@ def cpu_decoding(model, rows: Optional[int]) -> Iterator[None]:
 
 
 decoding_threads = cpu_decoding  # its name before the backend was selected explicitly
+
+
+@contextmanager
+def small_tensor_threads(largest_bytes: int) -> Iterator[None]:
+    """torch on one thread while working on CPU tensors of at most ``largest_bytes`` each, when that is below
+    ``SINGLE_THREAD_BYTES`` (casting and checking the demo's weights as it loads); else no change.
+
+    Such element-wise passes gain nothing from a second thread, and when another process holds a core, the
+    waiting OpenMP worker stalls every one: on the 2-core CPU shared with other jobs, loading the demo
+    pipeline took 0.85 s on one thread and 3.4 s on two (``benchmarks/contention.py``)."""
+    if largest_bytes >= SINGLE_THREAD_BYTES:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -13,7 +13,8 @@ __all__ = ["cmd_finetune", "add_finetune"]
 _FINETUNE_FLAGS = {"steps": "--steps", "lr": "--lr", "batch_size": "--batch-size", "train": "--train",
                    "lora_rank": "--lora-rank", "lora_alpha": "--lora-alpha", "mixed_precision": "--mixed-precision",
                    "optimizer": "--optimizer", "checkpoint_every": "--checkpoint-every", "seed": "--seed",
-                   "gradient_checkpointing": "--gradient-checkpointing"}
+                   "gradient_checkpointing": "--gradient-checkpointing",
+                   "gradient_accumulation_steps": "--gradient-accumulation-steps"}
 
 
 def _finetune_usage(err: Exception) -> Exception:
@@ -40,6 +41,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import FinetuneConfig, finetune, load_pairs
     from .pipeline import load_pipeline, resolve_pipeline
     from .train import runs
+    from .train.common import is_main_process, wait_for_everyone
 
     name = args.model or default_model()
     try:
@@ -52,7 +54,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                 lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                                 gradient_checkpointing=args.gradient_checkpointing,
                                 mixed_precision=args.mixed_precision, optimizer=args.optimizer,
-                                checkpoint_every=args.checkpoint_every, seed=args.seed)
+                                checkpoint_every=args.checkpoint_every, seed=args.seed,
+                                gradient_accumulation_steps=args.gradient_accumulation_steps)
     except (TypeError, ValueError) as err:
         raise _finetune_usage(err) from err
     if args.caption is not None and not args.caption.strip():
@@ -78,12 +81,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         lines = [f"finetuned {name} on {len(pairs)} pictures for {config.steps} steps: loss "
                  f"{result.loss_before:.4f} -> {result.loss_after:.4f}"]
     lines.append(f"generator: {final}")
+    main = is_main_process()  # under accelerate launch: one process exports and reports
     if directory is not None:  # a bundled or local pipeline: the same chain with the new generator
-        target = runs.export_pipeline(directory, final, out / "pipeline")
+        target = out / "pipeline"
+        if main:
+            runs.export_pipeline(directory, final, target)
         lines.append(f"pipeline: {target}  (rudalle-pipe generate --model {target} \"TEXT\")")
     else:
         lines.append(f"load it with get_rudalle_model({str(final)!r}) in place of {name!r}")
-    sys.stdout.write("\n".join(lines) + "\n")
+    wait_for_everyone()
+    if main:
+        sys.stdout.write("\n".join(lines) + "\n")
     return EXIT_OK
 
 
@@ -112,7 +120,11 @@ def add_finetune(subparsers, common: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=200, metavar="N",
                    help="optimizer steps, at most 10000000; a resume must keep it (default: 200)")
     p.add_argument("--lr", type=float, default=1e-4, metavar="LR", help="peak learning rate in (0, 10] (default: 1e-4)")
-    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="pictures per step, at most 4096 (default: 1)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B",
+                   help="pictures per step and process, at most 4096; under accelerate launch with N processes a "
+                        "step trains on N*B (default: 1)")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1, metavar="K",
+                   help="batches summed into one optimizer step, at most 4096 (default: 1)")
     p.add_argument("--train", default="all", metavar="PARTS",
                    help=f"comma-separated parts that learn, from {', '.join(TRAINABLE_PARTS)} (default: all)")
     p.add_argument("--lora-rank", type=int, default=0, metavar="R",

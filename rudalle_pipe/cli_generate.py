@@ -15,7 +15,8 @@
   within its prompt; null with ``--rerank 0``), plus ``prompt_index`` and the prompt of each kept image.
 
 Every argument, the output folder and its free space are checked before any model loads (exit 2 for
-a bad command line, see :mod:`rudalle_pipe.cli`).
+a bad command line, see :mod:`rudalle_pipe.cli`). ``--prompts FILE`` (instead of TEXT) runs the chain once per
+prompt of a file, on one process or several: :mod:`rudalle_pipe.prompt_file`.
 """
 from __future__ import annotations
 
@@ -117,17 +118,24 @@ def _check_generate_args(args: argparse.Namespace):
         raise UsageError(_one_line(err)) from err
     _check_rank_args(args, source)
     _check_guidance_args(args)
+    _resolve_upscale(args, source)
+    args.device = _resolve_device(args.device)
+    kept = args.rerank or args.num_images
+    names = [image_name(j, prompt=i if several else None) for i in range(len(args.text)) for j in range(kept)]
+    return source, names
+
+
+def _resolve_upscale(args: argparse.Namespace, source) -> None:
+    """--upscale: the pipeline's own upscaler by default (x4 for Hub models); a factor it lacks is refused."""
+    from .cli import UsageError
+
     scales = source.upscale_scales
-    if args.upscale is None:  # default: the pipeline's own upscaler (x4 for Hub models)
+    if args.upscale is None:
         args.upscale = "x4" if scales is None else (f"x{scales[0]}" if scales else "none")
     elif args.upscale != "none" and scales is not None and int(args.upscale[1:]) not in scales:
         available = ", ".join([f"x{s}" for s in scales] + ["none"])
         raise UsageError(f"--upscale {args.upscale}: pipeline {source.name!r} has no such upscaler; "
                          f"available: {available}")
-    args.device = _resolve_device(args.device)
-    kept = args.rerank or args.num_images
-    names = [image_name(j, prompt=i if several else None) for i in range(len(args.text)) for j in range(kept)]
-    return source, names
 
 
 def _check_out(args: argparse.Namespace, source, names: list[str]) -> frozenset[str]:
@@ -215,13 +223,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .cli import PROG, EXIT_OK
-    from .cli_image_prompt import apply_paste_back, build_prompt, check_image_prompt_args, prompt_record
+    from .cli_image_prompt import check_image_prompt_args
     from .hub import WeightsNotFoundError
-    from .contact_sheet import contact_sheet, sheet_columns
-    from .outputs import CONTACT_SHEET, RESULTS, png_bytes, write_run
+    from .outputs import CONTACT_SHEET, RESULTS
     from .pipeline import load_pipeline
-    from .realesrgan import super_resolution
 
+    if args.prompts is not None:  # many prompts, one process or several: see prompt_file
+        from .prompt_file import cmd_generate_prompts
+
+        return cmd_generate_prompts(args)
+    if not args.text:
+        from .cli import UsageError
+
+        raise UsageError("give a TEXT to draw, e.g. rudalle-pipe generate 'рыжий котик', or --prompts FILE")
     source, names = _check_generate_args(args)
     spec = check_image_prompt_args(args, source)
     previous = _check_out(args, source, names)
@@ -247,6 +261,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                    "--rerank 0, and --upscale none skip the CLIP and the upscaler)") from err
     timings["load"] = time.perf_counter() - tick
     logger.info("loaded %s on %s in %.1f s", source.name, args.device, timings["load"])
+    kept = run_chain(args, source, pipe, names, out, previous, spec=spec, progress=progress, timings=timings,
+                     start=start)
+    plural = "s" if kept != 1 else ""
+    sys.stdout.write(f"wrote {kept} image{plural}, {CONTACT_SHEET} and {RESULTS} to {out}\n")
+    return EXIT_OK
+
+
+def run_chain(args: argparse.Namespace, source, pipe, names: list[str], out: Path, previous: frozenset[str], *,
+              spec=None, progress: bool, timings: dict[str, float], start: float) -> int:
+    """Steps 2-5 of ``generate`` on a loaded ``pipe``: sample ``args.text``'s candidates, rerank, upscale
+    and write ``names``, the contact sheet and results.json into ``out``; returns how many images were kept.
+    (``rudalle-pipe generate --prompts`` runs it once per prompt, see :mod:`rudalle_pipe.prompt_file`.)"""
+    from .cli_image_prompt import apply_paste_back, build_prompt, prompt_record
+    from .contact_sheet import contact_sheet, sheet_columns
+    from .outputs import CONTACT_SHEET, RESULTS, png_bytes, write_run
+    from .realesrgan import super_resolution
 
     # 2. sample the candidates (with --paste-back, the kept pixels go back in BEFORE rerank and upscale)
     tick = time.perf_counter()
@@ -305,9 +335,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     labels = [_sheet_label(args, candidate(i)) for i in range(len(candidates))]
     outputs += [(CONTACT_SHEET, lambda: png_bytes(contact_sheet(candidates, labels))), (RESULTS, record)]
     write_run(out, outputs, previous)
-    plural = "s" if len(kept) != 1 else ""
-    sys.stdout.write(f"wrote {len(kept)} image{plural}, {CONTACT_SHEET} and {RESULTS} to {out}\n")
-    return EXIT_OK
+    return len(kept)
 
 
 def add_generate(subparsers, common: argparse.ArgumentParser) -> None:
@@ -326,9 +354,14 @@ def add_generate(subparsers, common: argparse.ArgumentParser) -> None:
                     "none of its files behind.",
         epilog="Exit status: 0 ok, 1 runtime failure (missing weights, existing files, --out not writable or "
                "too full, ...), 2 bad command line, 130 interrupted.")
-    p.add_argument("text", metavar="TEXT", nargs="+",
+    p.add_argument("text", metavar="TEXT", nargs="*",
                    help="the prompt (Russian for the ruDALL-E models); several prompts get --num-images each, "
                         "written as promptII_image_NNN.png")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="instead of TEXT: a text file (one prompt a line) or .jsonl (per prompt: text, num_images, "
+                        "seed, negative_prompt, guidance_scale); each prompt goes to --out/<index>-<slug>/, with "
+                        "--out/results.jsonl and run.json; a rerun resumes; runs on several processes under "
+                        "accelerate launch or torchrun")
     p.add_argument("--model", default=None,
                    help="a bundled pipeline, a Hub generator (see `rudalle-pipe models`) or a pipeline "
                         "directory; default: demo if bundled, else Malevich")

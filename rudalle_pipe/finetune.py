@@ -77,7 +77,9 @@ class FinetuneConfig:
 
     steps: int = 200  # optimizer steps in total, 1..MAX_STEPS (10_000_000); a resume must keep it
     lr: float = 1e-4  # peak learning rate, finite, in (0, 10] (1e-5..4e-5 for full finetuning of the large models)
-    batch_size: int = 1  # (image, caption) pairs per step, 1..MAX_BATCH_SIZE (4096)
+    batch_size: int = 1  # (image, caption) pairs per step and process, 1..MAX_BATCH_SIZE (4096); the global
+    # batch is num_processes * gradient_accumulation_steps * batch_size
+    gradient_accumulation_steps: int = 1  # batches summed into one optimizer step (accelerate's accumulate)
     train: tuple[str, ...] = ("all",)  # parts that learn; see TRAINABLE_PARTS
     lora_rank: int = 0  # 1..MAX_LORA_RANK (1024): LoRA adapters of this rank on the attention/MLP linears of ``train``
     lora_alpha: float = 16.0  # LoRA scale numerator (finite, > 0): delta W = (lora_alpha / lora_rank) B A
@@ -119,6 +121,7 @@ class FinetuneConfig:
         return LoopConfig(steps=self.steps, lr=self.lr, weight_decay=self.weight_decay, warmup_steps=warmup,
                           min_lr_ratio=self.min_lr_ratio, grad_clip=self.grad_clip,
                           checkpoint_every=self.checkpoint_every, log_every=self.log_every,
+                          gradient_accumulation_steps=self.gradient_accumulation_steps,
                           mixed_precision=self.mixed_precision, seed=self.seed, optimizer=self.optimizer)
 
 
@@ -318,7 +321,7 @@ def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, 
     package's marker are ever rotated away.
     """
     from .train import checkpoints, runs
-    from .train.common import batch_indices, is_main_process, run_training
+    from .train.common import Shard, check_mixed_precision, is_main_process, run_training, wait_for_everyone
 
     if config is not None and options:
         raise TypeError(f"pass either config= or keyword options, not both (got {sorted(options)})")
@@ -335,6 +338,7 @@ def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, 
     if final.exists():
         raise FileExistsError(f"{final} exists: this run has finished. Load it with get_rudalle_model("
                               f"{str(final)!r}) or choose another out_dir")
+    check_mixed_precision(config.mixed_precision)  # a second precision in one process stops here, before slow work
     half = [(n, p.dtype) for n, p in dalle.named_parameters() if p.dtype in (torch.float16, torch.bfloat16)]
     if half and config.mixed_precision == "no":
         name, dtype = half[0]
@@ -374,8 +378,8 @@ def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, 
                 sum(p.numel() for p in dalle.parameters()) / 1e6)
     dalle.gradient_checkpointing = config.gradient_checkpointing
 
-    def get_batch(step: int) -> torch.Tensor:
-        return ids[batch_indices(step, len(ids), config.batch_size, config.seed)]
+    def get_batch(step: int, shard: Shard) -> torch.Tensor:  # this process's batch_size pairs of the step
+        return ids[shard.indices(step, len(ids), config.batch_size, config.seed)]
 
     def loss_fn(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return model(batch.to(next(model.parameters()).device), return_loss=True).loss
@@ -398,6 +402,7 @@ def finetune(dalle: DalleModel, vae: Any, tokenizer: YTTMTokenizer, data: Data, 
         files.atomic_write(out_dir / "result.json", json.dumps(summary, indent=2) + "\n")
         with files.atomic_directory(final) as folder:  # last: final/ exists only when everything is written
             _save_model(model, folder)
+    wait_for_everyone()  # every process returns once final/ is complete
     logger.info("finetune: loss %.4f -> %.4f; model saved to %s", loss_before, loss_after, final)
     return FinetuneResult(model=model, path=final, losses=losses, loss_before=loss_before, loss_after=loss_after,
                           trainable_parameters=n_trainable)

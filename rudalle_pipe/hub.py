@@ -328,12 +328,16 @@ def load_state_dict_lazily(
     """
     expected = {k: v.shape for k, v in module.state_dict().items()}
     check_state_dict(expected, state_dict, what=what)
+    from .backend import small_tensor_threads
+
     converted = {}
-    for key, tensor in state_dict.items():
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype=dtype)
-        check_finite(key, tensor, what=what)
-        converted[key] = tensor.to(device=device)
+    largest = max((t.numel() * t.element_size() for t in module.state_dict().values()), default=0)
+    with small_tensor_threads(largest):  # a small model's weights: one thread (see the backend)
+        for key, tensor in state_dict.items():
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype=dtype)
+            check_finite(key, tensor, what=what)
+            converted[key] = tensor.to(device=device)
     module.load_state_dict(converted, strict=True, assign=True)
     return module
 

@@ -93,3 +93,28 @@ def test_small_models_decode_on_one_blas_thread(width, int8):
         assert inside == {1}
     else:
         assert inside == before
+
+
+@pytest.mark.parametrize("threshold", [None, 0])
+def test_small_models_load_on_one_torch_thread(threshold, monkeypatch):
+    """The weights of a model whose largest tensor is under SINGLE_THREAD_BYTES are cast and checked on one
+    torch thread (threshold 0: every model is large, the thread count stays); the count is restored after."""
+    from rudalle_pipe import hub
+
+    if threshold is not None:
+        monkeypatch.setattr(backend, "SINGLE_THREAD_BYTES", threshold)
+    seen = []
+    real = hub.check_finite
+    monkeypatch.setattr(hub, "check_finite", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.device("meta"):
+            module = torch.nn.Linear(8, 4)
+        hub.load_state_dict_lazily(module, {"weight": torch.randn(4, 8), "bias": torch.randn(4)}, what="t",
+                                   dtype=torch.float16)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == ([1, 1] if threshold is None else [2, 2])
+    assert module.weight.dtype == torch.float16 and module.weight.device.type == "cpu"

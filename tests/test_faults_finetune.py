@@ -398,7 +398,7 @@ def test_corrupt_codes_caches_are_rebuilt(tmp_path, tokenizer, caplog):
         assert torch.equal(torch.load(cache, weights_only=True)["codes"], ids[:, dalle.config.text_seq_length:])
 
     from rudalle_pipe.train import dalle as dalle_stage
-    from rudalle_pipe.train.common import all_scenes
+    from rudalle_pipe.train.scenes import all_scenes
     from rudalle_pipe.vae import VQGAN
 
     from test_train import TINY_VQGAN
@@ -591,7 +591,8 @@ common.batch_indices = real
 resumed = ft.finetune(tiny_dalle(), tiny_vae(), tokenizer, pairs, out_dir=root / "b", **kw)
 same = all(torch.equal(straight[k], v) for k, v in resumed.model.state_dict().items())
 if common.is_main_process():
-    print("RESULT", "same" if same else "different", len(resumed.losses))
+    from accelerate import PartialState
+    print("RESULT", "same" if same else "different", len(resumed.losses), "world_size", PartialState().num_processes)
 '''
 
 
@@ -606,13 +607,17 @@ def test_finetune_resumes_under_a_two_process_launch(tmp_path):
 
     script = tmp_path / "launched.py"
     script.write_text(_LAUNCHED, encoding="utf-8")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
+    scratch = tmp_path / "scratch"  # torchrun's and torch's temporary folders, not /tmp
+    scratch.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "TMPDIR": str(scratch),
+           "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor")}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), str(tmp_path), str(REPO_ROOT / "tests"),
                            str(_fixtures_dir() / "tokenizer" / "bpe.model")],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("RESULT") == 1 and "RESULT same 2" in done.stdout, done.stdout
+    assert "world_size 2" in done.stdout  # torchrun started two processes
     run = tmp_path / "b"
     assert sorted(p.name for p in (run / "checkpoint").glob("random_states_*.pkl")) == [
         "random_states_0.pkl", "random_states_1.pkl"]

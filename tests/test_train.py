@@ -16,7 +16,9 @@ from rudalle_pipe.tokenizer import YTTMTokenizer
 from rudalle_pipe.train import dalle as dalle_stage
 from rudalle_pipe.train import vqgan as vqgan_stage
 from rudalle_pipe.train.bpe import learn_bpe, train_bpe
-from rudalle_pipe.train.common import LoopConfig, all_captions, all_scenes, batch_indices, render_scenes
+from rudalle_pipe.train import common
+from rudalle_pipe.train.common import LoopConfig, batch_indices
+from rudalle_pipe.train.scenes import all_captions, all_scenes, render_scenes
 from rudalle_pipe.vae import VQGAN, VQGANConfig
 
 TINY_VQGAN = VQGANConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(), z_channels=8,
@@ -32,16 +34,18 @@ def _losses(out_dir: Path) -> list[float]:
         return [float(row["loss"]) for row in csv.DictReader(f)]
 
 
-def _raise_at(module, step_to_fail: int, monkeypatch) -> None:
-    """Make the stage's get_batch raise at ``step_to_fail`` (it calls module.batch_indices(step, ...))."""
-    original = module.batch_indices
+def _raise_at(owner, attr: str, step_to_fail: int, monkeypatch) -> None:
+    """Make ``owner.attr`` (called with the step as its first int argument: ``dalle_stage.batch_rows``,
+    ``common.Shard.indices``) raise at ``step_to_fail``, as an interrupted get_batch would."""
+    original = getattr(owner, attr)
 
-    def failing(step, *args, **kwargs):
+    def failing(*args, **kwargs):
+        step = next(a for a in args if isinstance(a, int))
         if step == step_to_fail:
             raise KeyboardInterrupt(f"interrupted at step {step}")
-        return original(step, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(module, "batch_indices", failing)
+    monkeypatch.setattr(owner, attr, failing)
 
 
 # ----------------------------------------------------------------------------- data helpers
@@ -168,7 +172,8 @@ def test_vqgan_resume_gives_the_same_weights(tmp_path, renders16, monkeypatch):
     straight = vqgan_stage.load_trained(vqgan_stage.train(tmp_path / "a", config=config, progress=False,
                                                           images=renders16, eval_images=renders16[:2]))
     with monkeypatch.context() as patch:
-        _raise_at(vqgan_stage, 3, patch)  # the checkpoint of step 2 survives; restarts happen at step 2 and 5
+        # the checkpoint of step 2 survives; restarts happen at step 2 and 5
+        _raise_at(common.Shard, "indices", 3, patch)
         with pytest.raises(KeyboardInterrupt):
             vqgan_stage.train(tmp_path / "b", config=config, progress=False, images=renders16,
                               eval_images=renders16[:2])
@@ -250,7 +255,7 @@ def test_dalle_resume_gives_the_same_weights(tmp_path, stage_inputs, monkeypatch
     kwargs = dict(config=config, progress=False, tokenizer_path=bpe_path, vae_dir=vae_dir)
     straight = DalleModel.from_pretrained(dalle_stage.train(tmp_path / "a", **kwargs))
     with monkeypatch.context() as patch:
-        _raise_at(dalle_stage, 3, patch)
+        _raise_at(dalle_stage, "batch_rows", 3, patch)
         with pytest.raises(KeyboardInterrupt):
             dalle_stage.train(tmp_path / "b", **kwargs)
     resumed = DalleModel.from_pretrained(dalle_stage.train(tmp_path / "b", **kwargs))
@@ -303,7 +308,7 @@ def test_training_command_resumes_after_an_interruption(tmp_path, monkeypatch):
 
     argv = ["demo", "--out", str(tmp_path), "--quick", "--no-progress"]
     with monkeypatch.context() as patch:
-        _raise_at(dalle_stage, 3, patch)  # the generator's checkpoint of step 2 survives
+        _raise_at(dalle_stage, "batch_rows", 3, patch)  # the generator's checkpoint of step 2 survives
         with pytest.raises(KeyboardInterrupt):
             main(argv)
     assert (tmp_path / "vqgan" / "final").is_dir() and not (tmp_path / "dalle" / "final").exists()

@@ -20,7 +20,7 @@ from rudalle_pipe.tokenizer import YTTMTokenizer
 from rudalle_pipe.train import clip as train_clip
 from rudalle_pipe.train import realesrgan as train_sr
 from rudalle_pipe.train.bpe import learn_bpe
-from rudalle_pipe.train.common import all_captions, all_scenes, render_scenes
+from rudalle_pipe.train.scenes import all_captions, all_scenes, render_scenes
 
 
 @pytest.fixture(scope="module")

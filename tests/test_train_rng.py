@@ -22,7 +22,7 @@ def test_training_does_not_reseed_the_callers_generators(tmp_path):
     random.seed(123), np.random.seed(123), torch.manual_seed(123)
     want = draws()  # what the caller's streams give next, had nothing run
     random.seed(123), np.random.seed(123), torch.manual_seed(123)
-    _, losses = run_training("rng", model, lambda m, batch: m(batch).pow(2).mean(), lambda step: x,
+    _, losses = run_training("rng", model, lambda m, batch: m(batch).pow(2).mean(), lambda step, shard: x,
                              LoopConfig(steps=3, seed=7, checkpoint_every=3, log_every=1), tmp_path, progress=False)
     assert len(losses) == 3
     assert draws() == want  # set_seed(7) inside did not leak out

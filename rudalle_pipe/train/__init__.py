@@ -1,6 +1,8 @@
 """Training code for the models of rudalle_pipe, kept apart from inference.
 
-* :mod:`.common` - the shared accelerate training loop (``LoopConfig``, ``run_training``) and data helpers;
+* :mod:`.common` - the shared data-parallel training loop on accelerate (``LoopConfig``, ``run_training``,
+  ``Shard``);
+* :mod:`.scenes` - the demo's training data: scenes, captions and renders of :mod:`rudalle_pipe.shapes`;
 * :mod:`.bpe` - stage 1, a BPE trainer writing YouTokenToMe ``bpe.model`` files;
 * :mod:`.vqgan` - stage 2, the VQGAN image tokenizer;
 * :mod:`.dalle` - stage 3, the generator;

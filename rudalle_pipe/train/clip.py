@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from rudalle_pipe import files, shapes
 from rudalle_pipe.clip import ClipBundle, YTTMClipTokenizer, save_clip
 from rudalle_pipe.tokenizer import YTTMTokenizer
-from rudalle_pipe.train.common import LoopConfig, all_captions, all_scenes, render_scenes, run_training, with_variants
+from rudalle_pipe.train.common import LoopConfig, Shard, make_accelerator, run_training
+from rudalle_pipe.train.scenes import all_captions, all_scenes, render_scenes, with_variants
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +166,9 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 def make_batch(step: int, *, config: ClipTrainConfig, scenes: Sequence[shapes.Scene], renders: torch.Tensor,
-               tokenizer: YTTMClipTokenizer) -> dict[str, torch.Tensor]:
-    """The batch of ``step``, a pure function of ``(config.seed, step)``. ``renders`` are uint8
+               tokenizer: YTTMClipTokenizer, shard: Shard = Shard()) -> dict[str, torch.Tensor]:
+    """The batch of ``step``, a pure function of ``(config.seed, step, shard)`` (``shard``: this process's
+    part of the step's global batch, see :class:`rudalle_pipe.train.common.Shard`). ``renders`` are uint8
     ``[N, 3, S, S]`` (one per scene) or ``[N, K, 3, S, S]`` (K variations per scene, one drawn per image).
 
     Returns:
@@ -174,8 +176,8 @@ def make_batch(step: int, *, config: ClipTrainConfig, scenes: Sequence[shapes.Sc
         context_length]`` (the B matching captions first); ``allowed`` bool ``[B, T]``, False where a
         text other than the image's own describes the image's scene (a false negative).
     """
-    rng = random.Random(config.seed * 1_000_003 + step)
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    rng = random.Random(shard.seed(config.seed, step))
+    generator = shard.generator(config.seed, step)
     position = {scene: i for i, scene in enumerate(scenes)}
     index: list[int] = []
     for anchor in rng.sample(range(len(scenes)), len(scenes)):  # random scenes, each with a near neighbour
@@ -297,8 +299,6 @@ def train(out_dir: str | Path, *, config: ClipTrainConfig = DEMO_CONFIG, tokeniz
     A finished stage (``final/open_clip_config.json`` present) is returned as is; an interrupted
     one resumes from ``out_dir/checkpoint``. Only the main process writes the final files.
     """
-    from accelerate import Accelerator
-
     out_dir = Path(out_dir)
     final = out_dir / "final"
     if (final / "open_clip_config.json").is_file():
@@ -322,10 +322,10 @@ def train(out_dir: str | Path, *, config: ClipTrainConfig = DEMO_CONFIG, tokeniz
     torch.manual_seed(config.loop.seed)
     bundle = build_clip(arch, tokenizer)
 
-    def get_batch(step: int) -> dict[str, torch.Tensor]:
-        return make_batch(step, config=config, scenes=scenes, renders=renders, tokenizer=tokenizer)
+    def get_batch(step: int, shard: Shard) -> dict[str, torch.Tensor]:
+        return make_batch(step, config=config, scenes=scenes, renders=renders, tokenizer=tokenizer, shard=shard)
 
-    accelerator = Accelerator(mixed_precision=config.loop.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(config.loop)
     model, _ = run_training("clip", bundle.model, clip_loss, get_batch, config.loop, out_dir,
                             progress=progress, accelerator=accelerator)
     bundle.model = model.eval()

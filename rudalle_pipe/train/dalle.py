@@ -32,8 +32,8 @@ from ..dalle import DalleConfig, DalleModel
 from ..generation import empty_text_ids
 from ..tokenizer import YTTMTokenizer, prepare_text
 from ..vae import VQGAN
-from .common import (LoopConfig, all_captions, all_scenes, batch_indices, is_main_process, render_scenes, run_training,
-                     with_variants)
+from .common import LoopConfig, Shard, is_main_process, run_training, wait_for_everyone
+from .scenes import all_captions, all_scenes, render_scenes, with_variants
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +121,11 @@ def _load_or_encode(path: Path, vae: VQGAN, scenes: list, variants: list, size: 
     return codes
 
 
-def batch_rows(step: int, *, texts: torch.Tensor, codes: torch.Tensor, config: DalleTrainConfig) -> torch.Tensor:
+def batch_rows(step: int, *, texts: torch.Tensor, codes: torch.Tensor, config: DalleTrainConfig,
+               shard: Shard = Shard()) -> torch.Tensor:
     """Training rows ``[B, T + h*w]`` = ``[caption ids | image codes]`` of ``step``, a pure function of
-    ``(step, config.seed)`` so that a resumed run sees the same batches.
+    ``(step, config.seed, shard)`` so that a resumed run sees the same batches (``shard``: this
+    process's part of the step's global batch, see :class:`rudalle_pipe.train.common.Shard`).
 
     Args:
         texts: ``[S, V, T]`` caption ids: V word orders of each of S scenes.
@@ -134,10 +136,10 @@ def batch_rows(step: int, *, texts: torch.Tensor, codes: torch.Tensor, config: D
     per_scene, n_orders = max(config.variants, 1), texts.shape[1]
     if codes.shape[0] != texts.shape[0] * per_scene:
         raise ValueError(f"codes has {codes.shape[0]} rows; {texts.shape[0]} scenes x {per_scene} renders expected")
-    pair = batch_indices(step, codes.shape[0] * n_orders, config.batch_size, config.seed)  # (B,)
+    pair = shard.indices(step, codes.shape[0] * n_orders, config.batch_size, config.seed)  # (B,)
     image, order = pair // n_orders, pair % n_orders
     text = texts[image // per_scene, order]  # (B, T)
-    dropped = torch.rand(len(pair), generator=torch.Generator().manual_seed(config.seed * 1_000_003 + step))
+    dropped = torch.rand(len(pair), generator=shard.generator(config.seed, step))
     text = torch.where((dropped < config.caption_dropout)[:, None], empty_text_ids(texts.shape[2]), text)
     return torch.cat([text, codes[image].long()], dim=1)  # (B, T + h*w)
 
@@ -200,8 +202,8 @@ def train(out_dir: str | Path, *, config: DalleTrainConfig = DalleTrainConfig(),
     logger.info("dalle: %d scenes x %d renders x %d captions, caption dropout %.2f, %.2fM parameters", len(scenes),
                 per_scene, n_variants, config.caption_dropout, sum(p.numel() for p in model.parameters()) / 1e6)
 
-    def get_batch(step: int) -> torch.Tensor:
-        return batch_rows(step, texts=texts, codes=codes, config=config)
+    def get_batch(step: int, shard: Shard) -> torch.Tensor:
+        return batch_rows(step, texts=texts, codes=codes, config=config, shard=shard)
 
     def loss_fn(m, ids: torch.Tensor) -> torch.Tensor:
         return generator_loss(m, ids.to(next(m.parameters()).device), config.first_code_loss)
@@ -211,7 +213,7 @@ def train(out_dir: str | Path, *, config: DalleTrainConfig = DalleTrainConfig(),
     held_codes = encode_dataset(vae, render_scenes(held_scenes, size, variants=[0 if config.variants else None]
                                                     * len(held_scenes)))
     held_text = tokenize_captions(tokenizer, [all_captions(s)[:1] for s in held_scenes], config.text_seq_length)
-    train_ids = torch.stack([get_batch(0)[i] for i in range(min(config.batch_size, 64))])
+    train_ids = torch.stack([get_batch(0, Shard())[i] for i in range(min(config.batch_size, 64))])
     metrics = {"final_loss": losses[-1] if losses else None,
                "train_batch": _eval_loss(model, train_ids),
                "heldout": _eval_loss(model, torch.cat([held_text[:, 0], held_codes.long()], dim=1)),
@@ -221,4 +223,5 @@ def train(out_dir: str | Path, *, config: DalleTrainConfig = DalleTrainConfig(),
         files.atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
         with files.atomic_directory(final) as folder:  # last: final/ exists only when complete
             model.save_pretrained(folder)
+    wait_for_everyone()  # every process returns once final/ is complete
     return final

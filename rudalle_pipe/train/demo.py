@@ -27,7 +27,8 @@ from typing import Any
 from .. import files
 from ..pipeline import BUNDLED_DIR, FORMAT
 from ..vae import VQGANConfig
-from .common import LoopConfig, all_captions, all_scenes, is_main_process
+from .common import LoopConfig, is_main_process, wait_for_everyone
+from .scenes import all_captions, all_scenes
 from .dalle import DalleTrainConfig
 from .vqgan import VQGANTrainConfig
 
@@ -197,7 +198,9 @@ def train_demo(out_dir: str | Path, *, quick: bool = False, progress: bool = Tru
     bpe_path = out_dir / "tokenizer" / "bpe.model"
     if not bpe_path.is_file():
         texts = [c for scene in all_scenes("train") for c in all_captions(scene)]
-        timed("tokenizer", bpe.train_bpe, texts, config.bpe_vocab_size, bpe_path)
+        if is_main_process():  # one writer; the others wait for the file
+            timed("tokenizer", bpe.train_bpe, texts, config.bpe_vocab_size, bpe_path)
+        wait_for_everyone()
     parts["tokenizer"] = bpe_path
     # 2. VQGAN, 3. generator
     parts["vae"] = timed("vqgan", vqgan.train, out_dir / "vqgan", config=config.vqgan, progress=progress)

@@ -33,7 +33,7 @@ from rudalle_pipe import shapes
 from rudalle_pipe import files
 from rudalle_pipe.hub import load_pretrained, save_pretrained
 from rudalle_pipe.realesrgan import RRDBNet, RRDBNetConfig
-from rudalle_pipe.train.common import LoopConfig, run_training
+from rudalle_pipe.train.common import LoopConfig, Shard, make_accelerator, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -111,14 +111,16 @@ def vae_reconstruct(vae: nn.Module, images: torch.Tensor, batch_size: int = 32) 
     return torch.cat(out)
 
 
-def make_batch(step: int, *, config: SRTrainConfig, pool: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Aligned crops of ``step``, a pure function of ``(config.seed, step)``.
+def make_batch(step: int, *, config: SRTrainConfig, pool: dict[str, torch.Tensor],
+               shard: Shard = Shard()) -> dict[str, torch.Tensor]:
+    """Aligned crops of ``step``, a pure function of ``(config.seed, step, shard)`` (``shard``: this
+    process's part of the step's global batch, see :class:`rudalle_pipe.train.common.Shard`).
 
     Returns ``lr`` float ``[B, 3, c, c]`` and ``hr`` float ``[B, 3, 4c, 4c]``, both RGB in [0, 1]
     (``c = config.lr_crop``); ``lr`` comes from ``pool["vae"]`` (VQGAN decodes) when present for a
     ``vae_fraction`` of the crops.
     """
-    g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    g = shard.generator(config.seed, step)
     b, c, s = config.batch_size, config.lr_crop, _HR // _LR
     n = pool["lr"].shape[0]
     image = torch.randint(0, n, (b,), generator=g)
@@ -222,8 +224,6 @@ def train(out_dir: str | Path, *, config: SRTrainConfig = DEMO_CONFIG, vae_dir: 
     A finished stage (``final/config.json`` present) is returned as is; an interrupted one resumes
     from ``out_dir/checkpoint``. Only the main process writes the final files.
     """
-    from accelerate import Accelerator
-
     out_dir = Path(out_dir)
     final = out_dir / "final"
     if (final / "config.json").is_file():
@@ -243,10 +243,10 @@ def train(out_dir: str | Path, *, config: SRTrainConfig = DEMO_CONFIG, vae_dir: 
     torch.manual_seed(config.loop.seed)
     model = init_weights(RRDBNet(config.model))
 
-    def get_batch(step: int) -> dict[str, torch.Tensor]:
-        return make_batch(step, config=config, pool=pool)
+    def get_batch(step: int, shard: Shard) -> dict[str, torch.Tensor]:
+        return make_batch(step, config=config, pool=pool, shard=shard)
 
-    accelerator = Accelerator(mixed_precision=config.loop.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(config.loop)
     model, _ = run_training("realesrgan", model, l1_loss, get_batch, config.loop, out_dir,
                             progress=progress, accelerator=accelerator)
     model.eval()

@@ -42,6 +42,7 @@ __all__ = ["RECORD", "FREE_SETTINGS", "data_digest", "weights_digest", "make_rec
 RECORD = "finetune.json"
 FORMAT = 2
 FREE_SETTINGS = ("checkpoint_every", "keep_checkpoints", "log_every")  # may change when resuming
+ADDED_SETTINGS = {"gradient_accumulation_steps": 1}  # settings added later: a record without one ran with this
 
 
 def data_digest(pairs: Sequence[tuple[Any, str]]) -> str:
@@ -96,6 +97,7 @@ def check_record(out_dir: Path, record: dict[str, Any]) -> None:
                          "weights of the run; it cannot be resumed safely: choose another out_dir")
     old, new = before.get("settings") or {}, record["settings"]
     problems = []
+    old = {**ADDED_SETTINGS, **old}
     changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and k not in FREE_SETTINGS}
     if changed:
         problems.append(f"other settings {changed} (before, now)")

@@ -43,8 +43,8 @@ from torch import nn
 from .. import files
 from ..hub import load_pretrained, save_pretrained
 from ..vae import VQGAN, VQGANConfig
-from .common import (LoopConfig, all_scenes, batch_indices, is_main_process, render_scenes, run_training,
-                     with_variants)
+from .common import LoopConfig, Shard, is_main_process, run_training, wait_for_everyone
+from .scenes import all_scenes, render_scenes, with_variants
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +209,10 @@ class VQGANTrainer(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         pick = torch.randint(len(flat), (len(dead),), generator=gen).to(flat.device)
         self.vae.quantize.embed.weight[dead] = flat[pick].to(self.vae.quantize.embed.weight.dtype)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # data parallel: each process drew from its own batch; all take rank 0's codes (DDP keeps the
+            # usage buffer equal by broadcasting rank 0's, so every process restarts at the same steps)
+            torch.distributed.broadcast(self.vae.quantize.embed.weight.data, src=0)
         self.usage[dead] = self.usage.mean()
         self.restarted += len(dead)
 
@@ -265,14 +269,15 @@ def refine_decoder(vae: VQGAN, images: torch.Tensor, config: VQGANTrainConfig, o
     for p in params:
         p.requires_grad_(True)
 
-    def get_batch(step: int) -> dict:
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + 7_777_777 + step)
+    def get_batch(step: int, shard: Shard) -> dict:
+        gen = shard.generator(config.seed, 7_777_777 + step)
         idx = torch.multinomial(weights, config.batch_size, replacement=True, generator=gen)
         return {"codes": codes[idx], "images": images[idx]}
 
     loop = LoopConfig(steps=config.decoder_steps, lr=config.decoder_lr, warmup_steps=min(20, config.decoder_steps),
                       checkpoint_every=config.loop.checkpoint_every, log_every=config.loop.log_every,
-                      seed=config.seed)
+                      seed=config.seed, mixed_precision=config.loop.mixed_precision,
+                      gradient_accumulation_steps=config.loop.gradient_accumulation_steps)
     trainer, _ = run_training("vqgan-decoder", module, lambda m, b: m(**b), get_batch, loop,
                               out_dir, parameters=params, progress=progress)
     return trainer.vae.requires_grad_(False).eval()
@@ -305,18 +310,18 @@ def train(out_dir: str | Path, *, config: VQGANTrainConfig = VQGANTrainConfig(),
         vae = VQGAN(config.model)
     trainer = VQGANTrainer(vae, config.beta, config.usage_decay)
 
-    def get_batch(step: int) -> dict:
-        idx = batch_indices(step, len(images), config.batch_size, config.seed)
+    def get_batch(step: int, shard: Shard) -> dict:
+        idx = shard.indices(step, len(images), config.batch_size, config.seed)
         restart = (step + 1) % config.restart_every == 0 and step < config.restart_until * config.loop.steps
         batch = {"images": images[idx], "restart": restart and step >= config.ae_steps,
-                 "seed": config.seed * 1_000_003 + step, "quantize": step >= config.ae_steps}
+                 "seed": shard.seed(config.seed, step), "quantize": step >= config.ae_steps}
         if step == config.ae_steps and config.ae_steps > 0:  # switch to VQ: k-means the codebook first
             pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
             batch.update(kmeans_images=images[pick[: config.kmeans_images]], kmeans_iters=config.kmeans_iters)
         return batch
 
     trainer, losses = run_training("vqgan", trainer, lambda m, b: m(**b), get_batch, config.loop, out_dir,
-                                   progress=progress)
+                                   progress=progress, find_unused_parameters=True)  # no codebook while ae_steps
     restarted = int(trainer.restarted)
     vae = sync_proj(trainer.vae.eval())
     if config.decoder_steps:
@@ -334,6 +339,7 @@ def train(out_dir: str | Path, *, config: VQGANTrainConfig = VQGANTrainConfig(),
         files.atomic_write(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
         with files.atomic_directory(final) as folder:  # last: final/ exists only when complete
             save_pretrained(vae, vae.config, folder, model_type="vqgan")
+    wait_for_everyone()  # every process returns once final/ is complete
     return final
 
 
