@@ -13,6 +13,8 @@ Verbs:
 * ``rudalle-pipe finetune DATA --out DIR [options]`` finetunes a generator on a folder of pictures
   (see :mod:`rudalle_pipe.finetune`) and, for a bundled or local pipeline, writes ``DIR/pipeline`` that
   ``generate --model DIR/pipeline`` uses.
+* ``rudalle-pipe serve [--model M ...]`` serves the web page (:mod:`rudalle_pipe.cli_serve`; needs
+  ``pip install "rudalle-pipe[web]"``).
 * ``rudalle-pipe models`` lists what can be loaded and whether it is in the Hugging Face cache.
 
 Exit status: 0 on success; 2 when the command line is wrong (argparse errors, invalid values such as
@@ -38,6 +40,7 @@ from .checks import one_line as _one_line  # light: the command line imports tor
 from .cli_finetune import add_finetune
 from .cli_generate import add_generate, cmd_generate  # noqa: F401 (old import path)
 from .cli_outpaint import add_outpaint
+from .cli_serve import add_serve
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +219,7 @@ def _add_models(subparsers, common: argparse.ArgumentParser) -> None:
 
 
 # --------------------------------------------------------------------------------------- main
-VERBS: list[Callable[..., None]] = [add_generate, add_outpaint, add_finetune, _add_models]
+VERBS: list[Callable[..., None]] = [add_generate, add_outpaint, add_finetune, _add_models, add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
