@@ -11,7 +11,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
+import shutil
 import signal
+import sys
+import tempfile
+from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     names = _check_serve_args(args)
     if importlib.util.find_spec("gradio") is None:
         raise MissingExtraError(INSTALL_HINT)
+    own_cache = _private_gradio_cache()  # before gradio is imported
+    try:
+        _serve(args, names)
+    finally:
+        if own_cache is not None:  # Gradio's copies of every image the page showed
+            shutil.rmtree(own_cache, ignore_errors=True)
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+    return EXIT_OK
+
+
+def _serve(args: argparse.Namespace, names: list[str]) -> None:
     from .web import build_app, launch, load_models
     from .web_jobs import ZipCache
 
@@ -68,7 +84,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         zips.close()  # the zips this server offered: no per-user file outlives it
-    return EXIT_OK
+
+
+def _private_gradio_cache() -> Optional[str]:
+    """Point Gradio's file cache (``GRADIO_TEMP_DIR``, read when gradio is imported) at a new private folder,
+    which the server removes at exit: otherwise every image the page showed stays in the shared
+    ``$TMPDIR/gradio`` after the server stops. A ``GRADIO_TEMP_DIR`` the user set is kept, and so are its files."""
+    if os.environ.get("GRADIO_TEMP_DIR") or "gradio" in sys.modules:
+        return None
+    folder = tempfile.mkdtemp(prefix="rudalle_gradio_")
+    os.environ["GRADIO_TEMP_DIR"] = folder
+    return folder
 
 
 def _interrupt(signum, frame) -> None:

@@ -291,13 +291,13 @@ def write_zip(result: GenerationResult, path: Path) -> Path:
 
 
 class ZipCache:
-    """A folder this server owns for the zips it offers, bounded to ``max_files`` (oldest removed first);
-    :meth:`close` removes it. Gradio copies a returned file into its own cache, which
-    ``gr.Blocks(delete_cache=...)`` bounds in turn."""
+    """A folder this server owns for the zips it offers, bounded to ``max_files`` (oldest removed first),
+    made when the first zip is asked for; :meth:`close` removes it. Gradio copies a returned file into its
+    own cache, which ``gr.Blocks(delete_cache=...)`` bounds in turn."""
 
     def __init__(self, max_files: int = 32) -> None:
         check_int("max_files", max_files, low=1)
-        self.folder = Path(tempfile.mkdtemp(prefix="rudalle_web_"))
+        self.folder: Optional[Path] = None  # made by the first new_path()
         self.max_files = max_files
         self._lock = threading.Lock()
         self._files: list[Path] = []
@@ -305,6 +305,8 @@ class ZipCache:
     def new_path(self, stem: str = "rudalle") -> Path:
         """A fresh path inside the folder; the oldest files beyond ``max_files - 1`` are removed first."""
         with self._lock:
+            if self.folder is None:
+                self.folder = Path(tempfile.mkdtemp(prefix="rudalle_web_"))
             while len(self._files) >= self.max_files:
                 self._files.pop(0).unlink(missing_ok=True)
             path = self.folder / f"{stem}_{secrets.token_hex(8)}.zip"
@@ -321,7 +323,9 @@ class ZipCache:
                 path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        with self._lock:
+            if self.folder is not None:
+                shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def check_upload(image: object, what: str = "the image prompt") -> None:

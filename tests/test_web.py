@@ -3,9 +3,11 @@ the Blocks page built over the demo model, and the ``serve`` command's arguments
 import copy
 import io
 import json
+import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,8 +109,12 @@ def test_upload_checks():
         check_upload(Image.new("L", (4097, 8)))
 
 
-def test_zip_cache_is_bounded_and_removed_on_close():
+def test_zip_cache_is_bounded_and_removed_on_close(monkeypatch, tmp_path):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     cache = ZipCache(max_files=2)
+    assert list(tmp_path.iterdir()) == []  # no folder until a zip is asked for
     paths = [cache.new_path() for _ in range(2)]
     for p in paths:
         p.write_bytes(b"x")
@@ -118,7 +124,7 @@ def test_zip_cache_is_bounded_and_removed_on_close():
     cache.discard(third)
     assert not third.exists()
     cache.close()
-    assert not cache.folder.exists()
+    assert not cache.folder.exists() and list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------ image prompts
@@ -296,6 +302,34 @@ def test_serve_binds_localhost_and_share_warns(capsys, monkeypatch):
     calls.clear()
     code, _, err = run(capsys, "serve", "--share", "--model", "demo", "--port", "9000")
     assert code == 0 and calls["launch"]["share"] is True and "public gradio.live link" in err
+
+
+def test_serve_keeps_gradios_cache_in_a_private_folder_it_removes(monkeypatch, tmp_path):
+    """Gradio reads GRADIO_TEMP_DIR when imported: serve points it at a new folder and removes that folder at
+    exit, even when loading fails; a GRADIO_TEMP_DIR the user set is used and left alone."""
+    import tempfile
+
+    from rudalle_pipe import cli_serve, web
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    monkeypatch.delitem(sys.modules, "gradio", raising=False)  # as in a fresh `rudalle-pipe serve`
+    seen = []
+
+    def failing_load(names, **kw):
+        seen.append(os.environ["GRADIO_TEMP_DIR"])
+        (Path(seen[-1]) / "shown.png").write_bytes(b"a user's picture")
+        raise RuntimeError("weights missing")
+
+    monkeypatch.setattr(web, "load_models", failing_load)
+    assert main(["serve"]) == EXIT_FAILURE
+    assert Path(seen[0]).parent == tmp_path and Path(seen[0]).name.startswith("rudalle_gradio_")
+    assert list(tmp_path.iterdir()) == [] and "GRADIO_TEMP_DIR" not in os.environ
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(mine))
+    assert main(["serve"]) == EXIT_FAILURE
+    assert seen[1] == str(mine) and (mine / "shown.png").exists()
 
 
 def test_serve_help_imports_neither_torch_nor_gradio():
