@@ -27,7 +27,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +207,39 @@ def _rank(args: argparse.Namespace, pipe, candidates, perplexities, progress: bo
     return kept, scores
 
 
+def candidate_entries(prompt_index: Sequence[int], seeds: Sequence[int], perplexities: Sequence[Optional[float]],
+                      scores: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """results.json's entry of every candidate, in generation order: index, prompt, seed and scores."""
+    return [{"index": i, "prompt_index": prompt_index[i], "seed": seeds[i], "perplexity": perplexities[i],
+             "clip_score": scores["clip_score"][i], "combined": scores["combined"][i], "rank": scores["rank"][i]}
+            for i in range(len(seeds))]
+
+
+def results_record(args: argparse.Namespace, *, header: dict[str, Any], settings: dict[str, Any],
+                   entries: list[dict[str, Any]], kept: Sequence[tuple[str, int, Any]], image_prompt: Optional[dict],
+                   timings: dict[str, float], extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The ``results.json`` of a run (``generate``'s folder, and the web page's zip): the prompts, ``header``
+    (the model), ``settings``, ``images`` best first (``kept``: ``(file, candidate index, kept image)``), any
+    ``extra`` entries, every candidate (:func:`candidate_entries`), the contact sheet, the image prompt and
+    the timings."""
+    from .contact_sheet import sheet_columns
+    from .outputs import CONTACT_SHEET
+
+    return {
+        "text": args.text[0] if len(args.text) == 1 else None,  # one prompt; "prompts" lists them all
+        "prompts": list(args.text),
+        **header,
+        "settings": settings,
+        "images": [{"file": name, **entries[i], "prompt": args.text[entries[i]["prompt_index"]],
+                    "size": list(image.size)} for name, i, image in kept],
+        **(extra or {}),
+        "candidates": entries,
+        "contact_sheet": {"file": CONTACT_SHEET, "nrow": sheet_columns(len(entries)), "order": "candidate index"},
+        **({} if image_prompt is None else {"image_prompt": image_prompt}),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
 def _sheet_label(args: argparse.Namespace, entry: dict[str, Any]) -> str:
     """Two lines under a candidate on the contact sheet: its index (and prompt), its rank, and the score
     it was ranked by (the perplexity when nothing ranked it)."""
@@ -274,7 +307,7 @@ def run_chain(args: argparse.Namespace, source, pipe, names: list[str], out: Pat
     and write ``names``, the contact sheet and results.json into ``out``; returns how many images were kept.
     (``rudalle-pipe generate --prompts`` runs it once per prompt, see :mod:`rudalle_pipe.prompt_file`.)"""
     from .cli_image_prompt import apply_paste_back, build_prompt, prompt_record
-    from .contact_sheet import contact_sheet, sheet_columns
+    from .contact_sheet import contact_sheet
     from .outputs import CONTACT_SHEET, RESULTS, png_bytes, write_run
     from .realesrgan import super_resolution
 
@@ -303,36 +336,21 @@ def run_chain(args: argparse.Namespace, source, pipe, names: list[str], out: Pat
     # 5. images, contact sheet, then results.json (the completion record): each written under a
     #    temporary name, then all renamed into place; a failure leaves no file of this run (see outputs)
     tick = time.perf_counter()
-    nrow = sheet_columns(len(candidates))
-
-    def candidate(i: int) -> dict[str, Any]:
-        return {"index": i, "prompt_index": prompt_index[i], "seed": seeds[i], "perplexity": perplexities[i],
-                "clip_score": scores["clip_score"][i], "combined": scores["combined"][i], "rank": scores["rank"][i]}
+    entries = candidate_entries(prompt_index, seeds, perplexities, scores)
 
     def record() -> bytes:
         timings["save"] = time.perf_counter() - tick
         timings["total"] = time.perf_counter() - start
-        results = {
-            "text": args.text[0] if len(args.text) == 1 else None,  # one prompt; "prompts" lists them all
-            "prompts": list(args.text),
-            "model": source.name,
-            "model_kind": source.kind,
-            "settings": {"top_k": args.top_k, "top_p": args.top_p, "temperature": args.temperature,
-                         "num_images": args.num_images, "seed": args.seed, "batch_size": args.batch_size,
-                         "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt,
-                         "rerank": args.rerank, "rank_by": args.rank_by, "rank_weight": args.rank_weight,
-                         "upscale": args.upscale, "device": args.device, "dtype": args.dtype},
-            "images": [{"file": name, **candidate(i), "prompt": args.text[prompt_index[i]], "size": list(image.size)}
-                       for name, i, image in zip(names, order, kept)],
-            "candidates": [candidate(i) for i in range(len(candidates))],
-            "contact_sheet": {"file": CONTACT_SHEET, "nrow": nrow, "order": "candidate index"},
-            **({} if spec is None else {"image_prompt": prompt_record(spec, prompt)}),
-            "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        }
+        settings = {k: getattr(args, k) for k in ("top_k", "top_p", "temperature", "num_images", "seed", "batch_size",
+                                                   "guidance_scale", "negative_prompt", "rerank", "rank_by",
+                                                   "rank_weight", "upscale", "device", "dtype")}
+        results = results_record(args, header={"model": source.name, "model_kind": source.kind}, settings=settings,
+                                 entries=entries, kept=list(zip(names, order, kept)),
+                                 image_prompt=None if spec is None else prompt_record(spec, prompt), timings=timings)
         return (json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
 
     outputs = [(name, lambda image=image: png_bytes(image)) for name, image in zip(names, kept)]
-    labels = [_sheet_label(args, candidate(i)) for i in range(len(candidates))]
+    labels = [_sheet_label(args, entry) for entry in entries]
     outputs += [(CONTACT_SHEET, lambda: png_bytes(contact_sheet(candidates, labels))), (RESULTS, record)]
     write_run(out, outputs, previous)
     return len(kept)

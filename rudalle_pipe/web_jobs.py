@@ -224,33 +224,23 @@ def upscaled_name(position: int, scale: int) -> str:
 
 
 def results_record(result: GenerationResult) -> dict:
-    """``results.json`` of a run from the page: the command line's layout (``images`` best first with
-    every score and seed, ``candidates`` in generation order, ``contact_sheet``) plus ``upscaled``."""
-    from .outputs import CONTACT_SHEET, image_name
-    from .contact_sheet import sheet_columns
+    """``results.json`` of a run from the page: the command line's layout
+    (:func:`rudalle_pipe.cli_generate.results_record`) plus ``upscaled``."""
+    from .cli_generate import candidate_entries, results_record as record_of_run
+    from .outputs import image_name
 
     s = result.settings
-
-    def candidate(i: int) -> dict[str, Any]:
-        return {"index": i, "prompt_index": 0, "seed": result.seeds[i], "perplexity": result.perplexities[i],
-                "clip_score": result.scores["clip_score"][i], "combined": result.scores["combined"][i],
-                "rank": result.scores["rank"][i]}
-
-    return {
-        "text": s.prompt, "prompts": [s.prompt], "model": result.model, "source": "rudalle-pipe serve",
-        "settings": {"top_k": s.top_k, "top_p": s.top_p, "temperature": s.temperature, "num_images": s.num_images,
-                     "seed": s.seed, "batch_size": s.batch_size, "guidance_scale": s.guidance_scale,
-                     "negative_prompt": s.negative_prompt, "rerank": s.num_images, "rank_by": result.rank_by},
-        "images": [{"file": image_name(pos), **candidate(i), "prompt": s.prompt,
-                    "size": list(result.candidates[i].size)} for pos, i in enumerate(result.order)],
-        "upscaled": [{"file": upscaled_name(pos, scale), "rank": pos + 1, "scale": scale, "size": list(image.size)}
-                     for pos, (scale, image) in sorted(result.upscaled.items())],
-        "candidates": [candidate(i) for i in range(len(result.candidates))],
-        "contact_sheet": {"file": CONTACT_SHEET, "nrow": sheet_columns(len(result.candidates)),
-                          "order": "candidate index"},
-        **({} if result.image_prompt is None else {"image_prompt": result.image_prompt}),
-        "timings_s": {k: round(v, 3) for k, v in result.timings.items()},
-    }
+    args = _rank_args(result.model, s, result.rank_by != "perplexity")
+    entries = candidate_entries([0] * len(result.candidates), result.seeds, result.perplexities, result.scores)
+    settings = {"top_k": s.top_k, "top_p": s.top_p, "temperature": s.temperature, "num_images": s.num_images,
+                "seed": s.seed, "batch_size": s.batch_size, "guidance_scale": s.guidance_scale,
+                "negative_prompt": s.negative_prompt, "rerank": s.num_images, "rank_by": result.rank_by}
+    upscaled = [{"file": upscaled_name(pos, scale), "rank": pos + 1, "scale": scale, "size": list(image.size)}
+                for pos, (scale, image) in sorted(result.upscaled.items())]
+    kept = [(image_name(pos), i, result.candidates[i]) for pos, i in enumerate(result.order)]
+    return record_of_run(args, header={"model": result.model, "source": "rudalle-pipe serve"}, settings=settings,
+                         entries=entries, kept=kept, image_prompt=result.image_prompt, timings=result.timings,
+                         extra={"upscaled": upscaled})
 
 
 def write_zip(result: GenerationResult, path: Path) -> Path:
