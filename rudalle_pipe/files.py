@@ -20,14 +20,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import stat
 import uuid
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable, Iterator, Union
+from typing import BinaryIO, Callable, Iterator, Optional, Union
 
 __all__ = ["atomic_write", "rename_into_place", "fsync_dir", "atomic_directory", "resolve_inside", "read_bounded",
-           "check_writable_dir", "fsync_tree", "UnsafePathError"]
+           "check_writable_dir", "fsync_tree", "temp_target", "UnsafePathError"]
 
 Payload = Union[bytes, str, Callable[[BinaryIO], None]]
 
@@ -38,6 +39,18 @@ class UnsafePathError(ValueError):
 
 def _temp_sibling(path: Path) -> Path:
     return path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+_TEMP_NAME = re.compile(r"\.(?P<target>.+)\.[0-9a-f]{12}\.tmp")  # what _temp_sibling makes
+
+
+def temp_target(name: str) -> Optional[str]:
+    """The name that the temporary file ``name`` was to become (nested temporaries unwrapped:
+    ``..a.png.<id>.tmp.<id>.tmp`` -> ``a.png``), or None when ``name`` is not a temporary name."""
+    match = _TEMP_NAME.fullmatch(name)
+    if match is None:
+        return None
+    return temp_target(match["target"]) or match["target"]
 
 
 def fsync_dir(directory: Union[str, os.PathLike]) -> None:

@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from .contact_sheet import sheet_size
-from .files import atomic_write, fsync_dir, read_bounded, rename_into_place
+from .files import atomic_write, fsync_dir, read_bounded, rename_into_place, temp_target
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["RESULTS", "CONTACT_SHEET", "image_name", "png_bytes", "png_size_bound", "estimate_bytes",
-           "check_targets", "write_run"]
+           "check_targets", "write_run", "remove_unfinished_run"]
 
 RESULTS = "results.json"
 CONTACT_SHEET = "contact_sheet.png"
@@ -170,6 +170,15 @@ def write_run(out: Path, outputs: Iterable[tuple[str, Callable[[], bytes]]], pre
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+
+
+def remove_unfinished_run(folder: Path) -> None:
+    """Remove what an interrupted run left in ``folder``: files with the names a run writes (images, the
+    contact sheet, results.json) and the temporary files of those; any other file stays."""
+    for path in folder.iterdir():
+        name = temp_target(path.name) or path.name
+        if (name == RESULTS or _RUN_FILE.fullmatch(name)) and path.is_file():
+            path.unlink()
 
 
 def _identity(path: Path) -> Optional[tuple[int, int]]:

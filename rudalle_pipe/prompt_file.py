@@ -171,7 +171,7 @@ def _plan(args: argparse.Namespace, out: Path, specs: list[PromptSpec], settings
     clear incomplete folders, write run.json. Returns ``(base_seed, pending indices)``."""
     from .files import atomic_write
     from .generation import _MAX_SEED
-    from .outputs import RESULTS
+    from .outputs import RESULTS, remove_unfinished_run
 
     total = sum(s.num_images for s in specs)
     record_path = out / RUN_RECORD
@@ -203,10 +203,7 @@ def _plan(args: argparse.Namespace, out: Path, specs: list[PromptSpec], settings
             continue
         pending.append(spec.index)
         if folder.is_dir():  # an interrupted prompt: drop the files a run writes there, then redo it
-            for path in folder.iterdir():
-                if re.fullmatch(r"\.?(image_\d{3,}\.png|contact_sheet\.png|results\.json)(\.[0-9a-f]{12}\.tmp)?",
-                                path.name) and path.is_file():
-                    path.unlink()
+            remove_unfinished_run(folder)
     out.mkdir(parents=True, exist_ok=True)
     record = {"prompts_file": str(args.prompts), "prompts_sha256": digest, "prompts": len(specs),
               "images": total, "settings": settings, "base_seed": base, "world_size": world}

@@ -106,3 +106,19 @@ def test_check_writable_dir(tmp_path):
     with pytest.raises(OSError, match="MiB are free") as info:
         check_writable_dir(tmp_path, needed_bytes=2**62, what="--out")
     assert info.value.errno == errno.ENOSPC
+
+
+def test_an_unfinished_run_is_cleared_of_its_own_files_only(tmp_path):
+    """What a killed run leaves (its files, its staged and nested temporaries) goes; the user's files stay,
+    and so do temporaries of names a run never writes."""
+    from rudalle_pipe.files import temp_target
+    from rudalle_pipe.outputs import remove_unfinished_run
+
+    ours = ["image_000.png", "results.json", "contact_sheet.png", ".image_001.png.0123456789ab.tmp",
+            "..results.json.aaaaaaaaaaaa.tmp.bbbbbbbbbbbb.tmp"]
+    theirs = ["notes.txt", ".notes.txt.0123456789ab.tmp", "image_1.png", "image_000.png.bak"]
+    for name in ours + theirs:
+        (tmp_path / name).write_bytes(b"x")
+    remove_unfinished_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)
+    assert temp_target("..a.png.aaaaaaaaaaaa.tmp.bbbbbbbbbbbb.tmp") == "a.png" and temp_target("a.png") is None
