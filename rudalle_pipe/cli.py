@@ -124,6 +124,23 @@ def _resolve_model(name: str) -> _Source:
                    vae.downsample_factor)
 
 
+def _load_pipeline(name: str, *, dtype: str, **kwargs):
+    """:func:`rudalle_pipe.load_pipeline` for a ``--dtype`` value: ``float32``, ``float16``, ``bfloat16``, or
+    ``int8`` (the generator loaded in fp32, then its linear layers quantized: :func:`rudalle_pipe.quantize_int8`).
+    ``kwargs`` go to ``load_pipeline``."""
+    import torch
+
+    from .pipeline import load_pipeline
+
+    int8 = dtype == "int8"
+    pipe = load_pipeline(name, dtype=torch.float32 if int8 else getattr(torch, dtype), **kwargs)
+    if int8:
+        from .quantize import quantize_int8
+
+        quantize_int8(pipe.dalle)
+    return pipe
+
+
 def _resolve_device(device: Optional[str]) -> str:
     """``device`` if this torch can run on it (cpu; cuda, cuda:N and mps when available), else a
     :class:`UsageError` listing the valid choices; ``None`` picks cuda if available, else cpu."""

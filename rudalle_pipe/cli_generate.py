@@ -253,13 +253,10 @@ def _sheet_label(args: argparse.Namespace, entry: dict[str, Any]) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """``rudalle-pipe generate``: the whole chain, written into ``--out``."""
-    import torch
-
-    from .cli import PROG, EXIT_OK
+    from .cli import PROG, EXIT_OK, _load_pipeline
     from .cli_image_prompt import check_image_prompt_args
     from .hub import WeightsNotFoundError
     from .outputs import CONTACT_SHEET, RESULTS
-    from .pipeline import load_pipeline
 
     if args.prompts is not None:  # many prompts, one process or several: see prompt_file
         from .prompt_file import cmd_generate_prompts
@@ -282,13 +279,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     upscaler = False if args.upscale == "none" else (args.upscale if source.kind == "hub" else True)
     need_clip = bool(args.rerank) and args.rank_by in ("clip", "combined")
     try:
-        int8 = args.dtype == "int8"  # weight-only int8 on an fp32 model
-        pipe = load_pipeline(source.name, device=args.device, dtype=torch.float32 if int8 else getattr(torch, args.dtype),
-                             cache_dir=args.cache_dir, clip=need_clip, upscaler=upscaler)
-        if int8:
-            from .quantize import quantize_int8
-
-            quantize_int8(pipe.dalle)
+        pipe = _load_pipeline(source.name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir,
+                              clip=need_clip, upscaler=upscaler)
     except WeightsNotFoundError as err:
         raise WeightsNotFoundError(f"{err} (`{PROG} models` shows what is cached; --rank-by perplexity or "
                                    "--rerank 0, and --upscale none skip the CLIP and the upscaler)") from err

@@ -238,13 +238,12 @@ def cmd_generate_prompts(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from .cli import EXIT_OK, UsageError, _resolve_device, _resolve_model, default_model
+    from .cli import EXIT_OK, UsageError, _load_pipeline, _resolve_device, _resolve_model, default_model
     from .cli_generate import _check_guidance_args, _check_rank_args, _resolve_upscale, run_chain
     from .cli_image_prompt import check_image_prompt_args
     from .generation import check_sampling_args
     from .files import check_writable_dir
     from .outputs import estimate_bytes, image_name
-    from .pipeline import load_pipeline
 
     # 1. check everything that needs no weights, on every process (the same answer everywhere)
     if args.text:
@@ -322,15 +321,9 @@ def cmd_generate_prompts(args: argparse.Namespace) -> int:
     if args.device is None and state is not None and torch.cuda.is_available():
         args.device = f"cuda:{state.local_process_index}"
     args.device = _resolve_device(args.device)
-    int8 = args.dtype == "int8"
-    pipe = load_pipeline(source.name, device=args.device, dtype=torch.float32 if int8 else getattr(torch, args.dtype),
-                         cache_dir=args.cache_dir,
-                         clip=any(o.rerank and o.rank_by in ("clip", "combined") for o in per_prompt),
-                         upscaler=False if args.upscale == "none" else (args.upscale if source.kind == "hub" else True))
-    if int8:
-        from .quantize import quantize_int8
-
-        quantize_int8(pipe.dalle)
+    pipe = _load_pipeline(source.name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir,
+                          clip=any(o.rerank and o.rank_by in ("clip", "combined") for o in per_prompt),
+                          upscaler=False if args.upscale == "none" else (args.upscale if source.kind == "hub" else True))
 
     # 4. rounds: process k takes pending prompt round * world + k; the main process gathers and reports
     todo = sum(specs[i].num_images for i in pending)

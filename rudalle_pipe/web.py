@@ -91,21 +91,13 @@ def load_models(names: Sequence[str], *, device: str = "cpu", dtype: str = "floa
                 cache_dir: Optional[str] = None) -> dict[str, ServedModel]:
     """Load each pipeline in ``names`` (bundled names, Hub generators or pipeline folders) with its CLIP
     and upscaler; Hub models fetch their x2/x4/x8 upscalers when first asked for one."""
-    import torch
-
-    from .cli import _resolve_model
-    from .pipeline import load_pipeline
-    from .quantize import quantize_int8
+    from .cli import _load_pipeline, _resolve_model
 
     models = {}
     for name in names:
         source = _resolve_model(name)
-        int8 = dtype == "int8"
-        pipe = load_pipeline(name, device=device, dtype=torch.float32 if int8 else getattr(torch, dtype),
-                             cache_dir=cache_dir, clip=source.has_clip, upscaler=source.kind != "hub"
-                             and bool(source.upscale_scales))
-        if int8:
-            quantize_int8(pipe.dalle)
+        pipe = _load_pipeline(name, dtype=dtype, device=device, cache_dir=cache_dir, clip=source.has_clip,
+                              upscaler=source.kind != "hub" and bool(source.upscale_scales))
         scales = (2, 4, 8) if source.upscale_scales is None else tuple(source.upscale_scales)
         models[name] = ServedModel(name, pipe, source.image_side, scales, source.vae_resolution, source.vae_factor,
                                    cache_dir)

@@ -110,3 +110,14 @@ def test_int8_greedy_codes_agree(fixtures_dir):
     q = sample_codes(quantize_int8(get_rudalle_model("Malevich", **kw)), text, seeds=[0], top_k=1, top_p=1.0,
                      progress=False)[0]
     assert (q == ref).float().mean() >= 0.90
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_the_command_lines_dtype_loads_the_generator_so(dtype):
+    """--dtype of generate, generate --prompts and serve: int8 is the fp32 generator quantized, the others a cast."""
+    from rudalle_pipe.cli import _load_pipeline
+    from rudalle_pipe.quantize import is_quantized
+
+    pipe = _load_pipeline("demo", dtype=dtype, device="cpu", clip=False, upscaler=False)
+    assert is_quantized(pipe.dalle) == (dtype == "int8")
+    assert pipe.dalle.dtype == (torch.float32 if dtype == "int8" else torch.bfloat16)
