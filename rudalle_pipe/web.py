@@ -16,7 +16,6 @@ every step, so sampling stops within one step.
 """
 
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -105,10 +104,10 @@ def load_models(names: Sequence[str], *, device: str = "cpu", dtype: str = "floa
 
 
 def _grid(images: list):
+    from .contact_sheet import sheet_columns
     from .show import image_grid
 
-    return image_grid(images, nrow=math.isqrt(len(images) - 1) + 1 if len(images) > 1 else 1, padding=2,
-                      background=(128, 128, 128))
+    return image_grid(images, nrow=sheet_columns(len(images)), padding=2, background=(128, 128, 128))
 
 
 def _vocabulary_text(model: ServedModel) -> str:
