@@ -280,7 +280,10 @@ def test_a_result_used_as_image_prompt_keeps_its_top_rows(open_page):
     page.locator("#image_prompt_box button.label-wrap").first.click()
     page.wait_for_function("document.querySelector('#status').innerText.includes('is now the image prompt')",
                            timeout=LONG)
-    _set_number(page, "#keep_up input[type=number]", 4)  # keep the upper half (4 of the demo's 8 code rows)
+    # keep the upper half (4 of the demo's 8 code rows); the slider's number box shows the component's state,
+    # which Generate sends (typing into that box just after the accordion opened was sometimes lost)
+    page.locator("#keep_up input[type=range]").fill("4")
+    page.wait_for_function("document.querySelector('#keep_up input[type=number]').value === '4'", timeout=LONG)
     page.locator("#paste_back input").set_checked(True)
     _prepare(page, YELLOW_STAR, seed=7)
     page.click("#generate")
