@@ -113,34 +113,44 @@ def open_page(browser, server):
         context.close()
 
 
-def _set_number(page, selector: str, value) -> None:
-    box = page.locator(selector)
-    box.fill(str(value))
-    box.press("Tab")  # Gradio reads the field when it loses focus
-
-
-def _set_slider(page, elem_id: str, value: int) -> None:
-    """Move slider ``#elem_id`` to ``value`` and wait until its number box, which shows the state Generate
-    sends, says so. A slider in an accordion that has just opened or re-drawn sometimes drops the first
-    input (seen about 1 run in 5 here), so the move is repeated, at most 3 times, until the page shows it."""
-    shown = f"document.querySelector('#{elem_id} input[type=number]').value === '{value}'"
+def _until_it_holds(page, act, holds: str) -> None:
+    """Do ``act()`` until the JavaScript condition ``holds`` is true and still true a moment later, at most 3
+    times. A field in an accordion that has just opened or re-drawn is sometimes drawn again with its old value,
+    dropping the input (seen about 1 time in 13 here under load); the page's own state is what Generate sends."""
     for _ in range(3):
-        page.locator(f"#{elem_id} input[type=range]").fill(str(value))
+        act()
         try:
-            page.wait_for_function(shown, timeout=5_000)
-            return
+            page.wait_for_function(holds, timeout=5_000)
         except sync_api.TimeoutError:
             continue
-    page.wait_for_function(shown, timeout=LONG)
+        page.wait_for_timeout(300)
+        if page.evaluate(holds):
+            return
+    page.wait_for_function(holds, timeout=LONG)
+
+
+def _set_value(page, selector: str, value, *, shown: str | None = None) -> None:
+    """Type ``value`` into the input at ``selector`` (a number box, or a slider's range input) and leave the field
+    (Gradio reads it then), until the input at ``shown`` (default: the same one) says ``value``."""
+    def act():
+        field = page.locator(selector)
+        field.fill(str(value))
+        field.press("Tab")
+    _until_it_holds(page, act, f"document.querySelector({(shown or selector)!r}).value === {str(value)!r}")
+
+
+def _set_checked(page, selector: str, checked: bool) -> None:
+    _until_it_holds(page, lambda: page.locator(selector).set_checked(checked),
+                    f"document.querySelector({selector!r}).checked === {str(checked).lower()}")
 
 
 def _prepare(page, prompt: str, *, candidates=None, seed=None) -> None:
     page.fill("#prompt textarea", prompt)
     if candidates is not None:
-        _set_number(page, "#num_images input[type=number]", candidates)
+        _set_value(page, "#num_images input[type=number]", candidates)
     if seed is not None:
-        page.locator("#random_seed input").set_checked(False)
-        _set_number(page, "#seed input", seed)
+        _set_checked(page, "#random_seed input", False)
+        _set_value(page, "#seed input", seed)
 
 
 def _gallery_sources(page, count: int) -> list[str]:
@@ -275,7 +285,7 @@ def test_bad_top_p_shows_a_readable_error(open_page):
     page = open_page()
     _prepare(page, RED_CIRCLE)
     page.locator("#sampling button.label-wrap").first.click()
-    _set_number(page, "#top_p input", 0)
+    _set_value(page, "#top_p input", 0)
     page.click("#generate")
     message = page.get_by_text("top-p must be a finite number in (0, 1], got 0.0")
     message.first.wait_for(timeout=LONG)
@@ -299,8 +309,9 @@ def test_a_result_used_as_image_prompt_keeps_its_top_rows(open_page):
     # set the slider only once that has landed, or the re-drawn slider starts again from 0
     page.wait_for_function("[...document.querySelectorAll('#image_prompt_mode input:checked')]"
                            ".some(i => i.closest('label').innerText.trim() === 'borders')", timeout=LONG)
-    _set_slider(page, "keep_up", 4)  # keep the upper half (4 of the demo's 8 code rows)
-    page.locator("#paste_back input").set_checked(True)
+    # keep the upper half (4 of the demo's 8 code rows)
+    _set_value(page, "#keep_up input[type=range]", 4, shown="#keep_up input[type=number]")
+    _set_checked(page, "#paste_back input", True)
     _prepare(page, YELLOW_STAR, seed=7)
     page.click("#generate")
     page.wait_for_function(f"![...document.querySelectorAll('#gallery img')].some(i => {first!r}.includes(i.src))"
