@@ -32,8 +32,8 @@ import torch
 from PIL import Image
 
 from .files import atomic_directory, atomic_write, resolve_inside
-from .hub import (WeightsNotFoundError, check_finite, download, offline_if_unreachable, offline_reason,
-                  read_json, snapshot_sandbox)
+from .hub import (WeightsNotFoundError, check_finite, download, load_state_dict_lazily, offline_if_unreachable,
+                  offline_reason, read_checkpoint, read_json, snapshot_sandbox)
 from .ranking import RerankOutput, cherry_pick_by_clip  # reranking lives in ranking.py; old import path
 
 logger = logging.getLogger(__name__)
@@ -201,8 +201,6 @@ def _validate_source(name: str, pretrained: str | None) -> tuple[str, str | None
         ``(kind, pretrained)`` with kind one of ``"schema"`` (hf-hub:/local-dir: name),
         ``"tag"``, ``"file"`` or ``"random"``; ``pretrained`` is None for schema names.
     """
-    import open_clip
-
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}: {name!r}")
     if pretrained is not None and not isinstance(pretrained, (str, os.PathLike)):
@@ -221,6 +219,8 @@ def _validate_source(name: str, pretrained: str | None) -> tuple[str, str | None
                 "Pass pretrained=None, or use an architecture name with pretrained=<tag or file>."
             )
         return "schema", None
+
+    import open_clip  # after the schema names: a local-dir: ResNet CLIP is built without it (see _build)
 
     models = open_clip.list_models()
     if name not in models:
@@ -381,6 +381,10 @@ def get_clip(
 
 def _build(name: str, kind: str, pretrained: str | None, *, device, cache_dir: str | None, sandbox) -> ClipBundle:
     """:func:`get_clip` after the arguments are checked: fetch, build, load, check."""
+    if name.startswith("local-dir:"):
+        bundle = _build_resnet_clip(name, device=device, sandbox=sandbox)
+        if bundle is not None:
+            return bundle
     import open_clip
 
     model_cfg = None
@@ -440,6 +444,35 @@ def _build(name: str, kind: str, pretrained: str | None, *, device, cache_dir: s
     logger.info("loaded CLIP %s (pretrained=%s) on %s", name, pretrained, device)
     return ClipBundle(model=model, preprocess=preprocess, tokenizer=tokenizer, name=name, pretrained=pretrained,
                       model_cfg=model_cfg)
+
+
+def _build_resnet_clip(name: str, *, device, sandbox) -> ClipBundle | None:
+    """A ``local-dir:`` CLIP built by :mod:`rudalle_pipe.clip_resnet`, without importing open_clip (about 2 s on
+    a small CPU), when the folder holds that architecture with a YTTM tokenizer and safetensors weights, as the
+    bundled demo does; None otherwise (open_clip builds it)."""
+    from . import clip_resnet
+
+    config = _local_config(name, sandbox)
+    why = clip_resnet.unsupported(config)
+    local = None if why else _local_weights(name, sandbox)
+    if why or local.suffix != ".safetensors":
+        logger.debug("CLIP %s is built by open_clip: %s", name, why or f"{local.name} is not safetensors")
+        return None
+    tokenizer = _schema_tokenizer(name, None, sandbox)
+    if tokenizer is None:
+        logger.debug("CLIP %s is built by open_clip: it uses open_clip's tokenizer", name)
+        return None
+    model = clip_resnet.ResNetCLIP(config["model_cfg"], config["preprocess_cfg"])
+    try:
+        load_state_dict_lazily(model, read_checkpoint(local), what=str(local), dtype=torch.float32, device=device)
+    except ValueError as err:
+        raise ValueError(f"could not load the CLIP checkpoint {str(local)!r} into architecture {name!r}: "
+                         f"{err}") from err
+    preprocess = clip_resnet.Preprocess(model.visual.image_size, config["preprocess_cfg"]["mean"],
+                                        config["preprocess_cfg"]["std"])
+    logger.info("loaded CLIP %s (ResNet, without open_clip) on %s", name, device)
+    return ClipBundle(model=model.to(device).eval(), preprocess=preprocess, tokenizer=tokenizer, name=name,
+                      pretrained=None, model_cfg=config["model_cfg"])
 
 
 def save_clip(
