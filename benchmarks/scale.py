@@ -16,8 +16,8 @@ What one run does, all on the same random weights (speed does not depend on thei
 2. for each format, in a fresh process: loads it through ``get_rudalle_model(checkpoint_path=...)`` (int8:
    then :func:`rudalle_pipe.quantize_int8`), records the peak RSS of loading, reads the memory bandwidth
    (best streaming read of 1 GiB), fills the key/value cache with random values up to image position 0, 256,
-   512 and 1023 and times one decoding step there (median of ``--reps``), at batch 1 and 8, with the decoder
-   that ``generate_images`` picks for that format;
+   512, 768 and 1023 and times the decoding steps that end there (median of ``--reps`` consecutive steps, after
+   one more), at batch 1 and 8, with the decoder that ``generate_images`` picks for that format;
 3. projects the whole image (1024 positions) from a line through those points, and compares each step with
    its bandwidth bound: the bytes it must read (weights of the blocks and of the image head, and the cache)
    over the bandwidth just measured;
@@ -118,16 +118,15 @@ def worker(fmt: str, weights: str, batches: list, positions: list, reps: int, fu
             cells, bound = {}, {}
             for P in positions:
                 length = cfg.text_offset + P
-
-                def reset():
-                    cache.length = length
-
+                # 1 + reps consecutive steps, as generation runs them, the last at P (the first at P when P < reps):
+                # the static step keeps its contiguous copies of the span from one step to the next
+                cache.length = cfg.text_offset + max(0, P - reps)
                 with decoding_threads(model, B if decoder == "dynamic" else None):
                     if step is not None:
-                        cells[P] = median_ms(lambda: step(token), reps, reset)
+                        cells[P] = median_ms(lambda: step(token), reps)
                     else:
                         cells[P] = median_ms(lambda: model(token[:, None], past_key_values=cache, use_cache=True,
-                                                           image_logits_only=True, last_only=True), reps, reset)
+                                                           image_logits_only=True, last_only=True), reps)
                 attended = bucket_span(length + 1, cfg.total_seq_length) if decoder == "static" \
                     else length + 1  # the static step without a graph spans whole buckets
                 kv_bytes = 2 * cfg.num_layers * B * attended * cfg.hidden_size * kv_elt
@@ -209,7 +208,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--positions", type=int, nargs="+", default=[0, 256, 512, 1023])
+    parser.add_argument("--positions", type=int, nargs="+", default=[0, 256, 512, 768, 1023])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--reference-python", help="interpreter with rudalle 1.1.3 installed; omit to skip it")
     parser.add_argument("--reference-dir", default=os.path.join(HERE, "..", "..", "shared", "reference"),

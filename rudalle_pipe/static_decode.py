@@ -13,6 +13,12 @@ and replayed: one launch per token.
 Choose it with ``generate_images(..., decoder="static")``; ``"auto"`` picks it on CUDA, and on CPU for
 bf16/fp16 models, where few shapes spare oneDNN building a new kernel at every step. In fp32 on CPU it
 is no faster than the dynamic step.
+
+Without a graph, the first ``span`` positions of a ``[R, heads, S, head_dim]`` cache are not contiguous, and
+PyTorch's bf16/fp16 CPU matmul copies such a slice before every product: at Malevich shape and batch 8 those
+copies cost more than the weights' products (up to 26 ms per layer at a span of 1024). The step therefore
+attends over contiguous working copies of the span, made once per bucket, and writes each new key/value into
+both them and the cache (``benchmarks/scale.py`` measures the step).
 """
 from __future__ import annotations
 
@@ -81,6 +87,8 @@ class StaticDecoder:
         cfg = dalle.config
         self._masks = [dalle.get_mask(kind) for kind in dalle.mask_kinds]  # [S, S] each
         self._head = (dalle.to_logits[1].weight[cfg.vocab_size:], dalle.to_logits[1].bias[cfg.vocab_size:])
+        self._work: list[tuple[torch.Tensor, torch.Tensor]] = []  # contiguous copies of the span (see the module)
+        self._work_key: tuple | None = None  # what they copy: span, cache length, cache tensors
 
     def _span(self) -> int:
         """Cache positions the step attends over: all ``S`` in a graph; else the filled ones rounded up to a
@@ -96,11 +104,33 @@ class StaticDecoder:
         x = (dalle.image_embeddings(self.token) + dalle.image_row_embeddings(index // n)
              + dalle.image_col_embeddings(index % n))  # (R, 1, C)
         span = self._span()
-        for layer, mask, k, v in zip(dalle.transformer.layers, self._masks, self.cache.keys, self.cache.values):
+        spans = self._spans(span)
+        for layer, mask, kv in zip(dalle.transformer.layers, self._masks, spans):
             row = mask.index_select(0, pos.view(1))[:, :span]  # (1, span)
-            x = layer(x, row, (k[:, :, :span], v[:, :, :span]), pos)
+            x = layer(x, row, kv, pos)
+        if spans is self._work:  # the layers wrote the new key/value into the copies: the cache gets them too
+            for (k, v), cache_k, cache_v in zip(spans, self.cache.keys, self.cache.values):
+                cache_k.index_copy_(2, pos.view(1), k.index_select(2, pos.view(1)))
+                cache_v.index_copy_(2, pos.view(1), v.index_select(2, pos.view(1)))
         x = dalle.to_logits[0](dalle.transformer.final_layernorm(x))
         return linear(x[:, 0], *self._head)
+
+    def _spans(self, span: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the keys and values ``[R, heads, span, head_dim]`` the step attends over: views of the cache
+        where they are contiguous or a graph needs the cache itself, else the working copies, remade whenever
+        the span, the cache's length (it was not this step that moved it) or the cache's tensors changed."""
+        cache = self.cache
+        k0 = cache.keys[0]
+        if self.graph or span == k0.shape[2] or k0.dtype == torch.float32 or k0.shape[0] * k0.shape[1] == 1:
+            self._work, self._work_key = [], None  # fp32 products read strided slices without a copy
+            return [(k[:, :, :span], v[:, :, :span]) for k, v in zip(cache.keys, cache.values)]
+        key = (span, cache.length, tuple(map(id, cache.keys)), tuple(map(id, cache.values)))
+        if key != self._work_key:
+            self._work = []  # the old copies go before the new ones are made
+            self._work = [(k[:, :, :span].contiguous(), v[:, :, :span].contiguous())
+                          for k, v in zip(cache.keys, cache.values)]
+        self._work_key = (span, cache.length + 1, *key[2:])  # what the cache will look like after this step
+        return self._work
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
         cache = self.cache

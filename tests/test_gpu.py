@@ -97,6 +97,40 @@ def test_static_step_spans_the_cache_in_buckets(dtype, monkeypatch):
     assert (got - want).abs().max() <= CACHED_TOL[dtype] * want.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@torch.inference_mode()
+def test_static_step_on_cpu_attends_over_contiguous_copies_that_follow_the_cache(dtype, monkeypatch):
+    """Without a graph, a low-precision step attends over contiguous copies of the span (PyTorch's CPU matmul
+    would copy the strided slice for every product). Each new key/value reaches the cache too, and copies that
+    no longer match the cache (a plain cached step wrote into it in between) are made again."""
+    import rudalle_pipe.static_decode as static_decode
+
+    monkeypatch.setattr(static_decode, "BUCKET", 5)
+    dalle = tiny_dalle().to(dtype)
+    cfg = dalle.config
+    g = torch.Generator().manual_seed(5)
+    text = torch.randint(1, 200, (2, cfg.text_seq_length), generator=g)
+    codes = torch.randint(0, cfg.image_vocab_size, (2, cfg.image_seq_length), generator=g)
+    want = full_logits(dalle, text, codes)
+    cache = dalle.init_cache(2)
+    got = [dalle(text, past_key_values=cache, use_cache=True, image_logits_only=True, last_only=True).logits[:, -1]]
+    step, copied = StaticDecoder(dalle, cache), 0
+    for p in range(codes.shape[1] - 1):
+        if p % 3 == 2:  # the plain cached step writes this position itself
+            got.append(dalle(codes[:, p : p + 1], past_key_values=cache, use_cache=True, image_logits_only=True,
+                             last_only=True).logits[:, -1])
+            continue
+        got.append(step(codes[:, p]).clone())
+        if static_decode.bucket_span(cache.length, cfg.total_seq_length) < cfg.total_seq_length:
+            copied += 1  # a span short of S: the step read copies, and they hold what the cache holds
+            assert step._work and all(k.is_contiguous() for k, _ in step._work)
+            n = cache.length
+            for (k, v), cache_k, cache_v in zip(step._work, cache.keys, cache.values):
+                assert torch.equal(k[:, :, :n], cache_k[:, :, :n]) and torch.equal(v[:, :, :n], cache_v[:, :, :n])
+    got = torch.stack([t.float() for t in got], dim=1)
+    assert copied >= 6 and (got - want).abs().max() <= CACHED_TOL[dtype] * want.abs().max()
+
+
 @pytest.fixture(scope="module")
 def demo_greedy():
     """fp32 CPU greedy codes of the trained demo for PROMPTS, with their text ids."""
