@@ -18,7 +18,8 @@ Without a graph, the first ``span`` positions of a ``[R, heads, S, head_dim]`` c
 PyTorch's bf16/fp16 CPU matmul copies such a slice before every product: at Malevich shape and batch 8 those
 copies cost more than the weights' products (up to 26 ms per layer at a span of 1024). The step therefore
 attends over contiguous working copies of the span, made once per bucket, and writes each new key/value into
-both them and the cache (``benchmarks/scale.py`` measures the step).
+both them and the cache (``benchmarks/scale.py`` measures the step). The copies take at most the cache's memory
+again.
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ class StaticDecoder:
         self._masks = [dalle.get_mask(kind) for kind in dalle.mask_kinds]  # [S, S] each
         self._head = (dalle.to_logits[1].weight[cfg.vocab_size:], dalle.to_logits[1].bias[cfg.vocab_size:])
         self._work: list[tuple[torch.Tensor, torch.Tensor]] = []  # contiguous copies of the span (see the module)
-        self._work_key: tuple | None = None  # what they copy: span, cache length, cache tensors
+        self._work_key: tuple | None = None  # what they copy: (span, cache length, the cache's tensors)
 
     def _span(self) -> int:
         """Cache positions the step attends over: all ``S`` in a graph; else the filled ones rounded up to a
@@ -124,12 +125,13 @@ class StaticDecoder:
         if self.graph or span == k0.shape[2] or k0.dtype == torch.float32 or k0.shape[0] * k0.shape[1] == 1:
             self._work, self._work_key = [], None  # fp32 products read strided slices without a copy
             return [(k[:, :, :span], v[:, :, :span]) for k, v in zip(cache.keys, cache.values)]
-        key = (span, cache.length, tuple(map(id, cache.keys)), tuple(map(id, cache.values)))
-        if key != self._work_key:
+        tensors = (*cache.keys, *cache.values)  # held, so that a replaced cache can never share an identity
+        if self._work_key is None or self._work_key[:2] != (span, cache.length) \
+                or any(a is not b for a, b in zip(self._work_key[2], tensors)):
             self._work = []  # the old copies go before the new ones are made
             self._work = [(k[:, :, :span].contiguous(), v[:, :, :span].contiguous())
                           for k, v in zip(cache.keys, cache.values)]
-        self._work_key = (span, cache.length + 1, *key[2:])  # what the cache will look like after this step
+        self._work_key = (span, cache.length + 1, tensors)  # what the cache will look like after this step
         return self._work
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:

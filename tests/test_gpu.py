@@ -102,7 +102,8 @@ def test_static_step_spans_the_cache_in_buckets(dtype, monkeypatch):
 def test_static_step_on_cpu_attends_over_contiguous_copies_that_follow_the_cache(dtype, monkeypatch):
     """Without a graph, a low-precision step attends over contiguous copies of the span (PyTorch's CPU matmul
     would copy the strided slice for every product). Each new key/value reaches the cache too, and copies that
-    no longer match the cache (a plain cached step wrote into it in between) are made again."""
+    no longer match the cache (a plain cached step wrote into it in between, or its rows were reordered) are
+    made again."""
     import rudalle_pipe.static_decode as static_decode
 
     monkeypatch.setattr(static_decode, "BUCKET", 5)
@@ -114,13 +115,16 @@ def test_static_step_on_cpu_attends_over_contiguous_copies_that_follow_the_cache
     want = full_logits(dalle, text, codes)
     cache = dalle.init_cache(2)
     got = [dalle(text, past_key_values=cache, use_cache=True, image_logits_only=True, last_only=True).logits[:, -1]]
-    step, copied = StaticDecoder(dalle, cache), 0
+    step, copied, order = StaticDecoder(dalle, cache), 0, torch.tensor([0, 1])
     for p in range(codes.shape[1] - 1):
+        if p == 10:  # the rows swap places mid-bucket, after a static step: only the cache tensors tell
+            order = torch.tensor([1, 0])
+            cache.reorder(order)
         if p % 3 == 2:  # the plain cached step writes this position itself
-            got.append(dalle(codes[:, p : p + 1], past_key_values=cache, use_cache=True, image_logits_only=True,
-                             last_only=True).logits[:, -1])
+            got.append(dalle(codes[order, p : p + 1], past_key_values=cache, use_cache=True, image_logits_only=True,
+                             last_only=True).logits[order, -1])
             continue
-        got.append(step(codes[:, p]).clone())
+        got.append(step(codes[order, p])[order].clone())
         if static_decode.bucket_span(cache.length, cfg.total_seq_length) < cfg.total_seq_length:
             copied += 1  # a span short of S: the step read copies, and they hold what the cache holds
             assert step._work and all(k.is_contiguous() for k, _ in step._work)
