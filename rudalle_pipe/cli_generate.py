@@ -410,7 +410,8 @@ def add_generate(subparsers, common: argparse.ArgumentParser) -> None:
                    help="cpu, cuda, cuda:N or mps, as available here (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES + ("int8",), default="float32",
                    help="generator precision (default: float32); int8: weight-only int8 blocks and head with fp32 "
-                        "elsewhere, a quarter of the bytes a decoding step reads (fastest on CPU)")
+                        "elsewhere, a quarter of the bytes a decoding step reads; on a CPU, bfloat16 and int8 "
+                        "both decode Malevich about twice as fast as float32 (benchmarks/scale.py)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B",
                    help=f"images per forward pass, in [1, {MAX_IMAGES}] (default: 8)")
     p.add_argument("--overwrite", action="store_true",

@@ -118,12 +118,14 @@ class StaticDecoder:
 
     def _spans(self, span: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the keys and values ``[R, heads, span, head_dim]`` the step attends over: views of the cache
-        where they are contiguous or a graph needs the cache itself, else the working copies, remade whenever
-        the span, the cache's length (it was not this step that moved it) or the cache's tensors changed."""
+        in a graph, off the CPU, in fp32 or where they are contiguous; else (bf16/fp16 on the CPU) the working
+        copies, remade whenever the span, the cache's length (it was not this step that moved it) or the cache's
+        tensors changed."""
         cache = self.cache
         k0 = cache.keys[0]
-        if self.graph or span == k0.shape[2] or k0.dtype == torch.float32 or k0.shape[0] * k0.shape[1] == 1:
-            self._work, self._work_key = [], None  # fp32 products read strided slices without a copy
+        if self.graph or k0.device.type != "cpu" or k0.dtype == torch.float32 or span == k0.shape[2] \
+                or k0.shape[0] * k0.shape[1] == 1:  # a graph, or products that read strided slices without a copy
+            self._work, self._work_key = [], None
             return [(k[:, :, :span], v[:, :, :span]) for k, v in zip(cache.keys, cache.values)]
         tensors = (*cache.keys, *cache.values)  # held, so that a replaced cache can never share an identity
         if self._work_key is None or self._work_key[:2] != (span, cache.length) \
