@@ -75,19 +75,27 @@ def test_cached_logits_match_full_sequence(device, dtype, decoder, version):
     assert err <= CACHED_TOL[dtype] * scale, f"{decoder} {dtype} on {device}: max|diff| {err:.3g} vs scale {scale:.3g}"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@torch.inference_mode()
-def test_static_step_spans_the_cache_in_buckets(dtype, monkeypatch):
-    """Without a graph the static step attends over the filled cache rounded up to BUCKET positions:
-    with a small BUCKET the spans change many times over one image, and the logits still match."""
+def _small_buckets(monkeypatch, dtype: torch.dtype, seed: int):
+    """``(static_decode module, tiny dalle in dtype, text [2, T], codes [2, n])`` with BUCKET = 5, so that the
+    static step's span changes many times over one image."""
     import rudalle_pipe.static_decode as static_decode
 
     monkeypatch.setattr(static_decode, "BUCKET", 5)
     dalle = tiny_dalle().to(dtype)
     cfg = dalle.config
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator().manual_seed(seed)
     text = torch.randint(1, 200, (2, cfg.text_seq_length), generator=g)
     codes = torch.randint(0, cfg.image_vocab_size, (2, cfg.image_seq_length), generator=g)
+    return static_decode, dalle, text, codes
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@torch.inference_mode()
+def test_static_step_spans_the_cache_in_buckets(dtype, monkeypatch):
+    """Without a graph the static step attends over the filled cache rounded up to BUCKET positions:
+    with a small BUCKET the spans change many times over one image, and the logits still match."""
+    static_decode, dalle, text, codes = _small_buckets(monkeypatch, dtype, seed=4)
+    cfg = dalle.config
     spans = []
     original = static_decode.StaticDecoder._span
     monkeypatch.setattr(static_decode.StaticDecoder, "_span", lambda self: spans.append(original(self)) or spans[-1])
@@ -104,14 +112,8 @@ def test_static_step_on_cpu_attends_over_contiguous_copies_that_follow_the_cache
     would copy the strided slice for every product). Each new key/value reaches the cache too, and copies that
     no longer match the cache (a plain cached step wrote into it in between, or its rows were reordered) are
     made again."""
-    import rudalle_pipe.static_decode as static_decode
-
-    monkeypatch.setattr(static_decode, "BUCKET", 5)
-    dalle = tiny_dalle().to(dtype)
+    static_decode, dalle, text, codes = _small_buckets(monkeypatch, dtype, seed=5)
     cfg = dalle.config
-    g = torch.Generator().manual_seed(5)
-    text = torch.randint(1, 200, (2, cfg.text_seq_length), generator=g)
-    codes = torch.randint(0, cfg.image_vocab_size, (2, cfg.image_seq_length), generator=g)
     want = full_logits(dalle, text, codes)
     cache = dalle.init_cache(2)
     got = [dalle(text, past_key_values=cache, use_cache=True, image_logits_only=True, last_only=True).logits[:, -1]]
