@@ -67,21 +67,16 @@ def _check_rank_args(args: argparse.Namespace, source) -> None:
 
 def _check_guidance_args(args: argparse.Namespace) -> None:
     """--guidance-scale in (0, MAX_GUIDANCE]; --negative-prompt: UTF-8, not blank, only with guidance."""
-    from .checks import check_float
     from .cli import UsageError, _check_text, _one_line
-    from .generation import MAX_GUIDANCE
+    from .generation import check_guidance
 
-    try:
-        check_float("--guidance-scale", args.guidance_scale, low=0, high=MAX_GUIDANCE, low_open=True)
-    except (TypeError, ValueError) as err:
-        raise UsageError(_one_line(err)) from err
     if args.negative_prompt is not None:
         _check_text("--negative-prompt", args.negative_prompt)
-        if args.guidance_scale == 1.0:
-            raise UsageError("--negative-prompt has no effect without guidance (--guidance-scale 1); pass "
-                             "--guidance-scale S with S != 1, e.g. 3")
-        if not args.negative_prompt.strip():
-            raise UsageError("--negative-prompt is blank; leave it out to guide against the empty text")
+    try:
+        check_guidance(args.guidance_scale, args.negative_prompt,
+                       names={"guidance_scale": "--guidance-scale", "negative_prompt": "--negative-prompt"})
+    except (TypeError, ValueError) as err:
+        raise UsageError(_one_line(err)) from err
 
 
 def _check_generate_args(args: argparse.Namespace):

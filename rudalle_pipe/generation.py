@@ -76,6 +76,26 @@ def check_sampling_args(*, top_k: int, top_p: float, temperature: float, vocab: 
         check_int(name["seed"], seed, low=0, high=_MAX_SEED - num_images)
 
 
+def check_guidance(guidance_scale: float, negative_prompt: Optional[str],
+                   names: Optional[Mapping[str, str]] = None) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the bad value, before any work: ``guidance_scale`` finite in
+    ``(0, MAX_GUIDANCE]``; ``negative_prompt`` None, or a str that is not blank and comes with guidance
+    (``guidance_scale != 1``: without guidance nothing reads it). ``names`` renames the two in the messages, as
+    in :func:`check_sampling_args` (the command line passes its flags, the web page its labels)."""
+    name = {"guidance_scale": "guidance_scale", "negative_prompt": "negative_prompt"} | dict(names or {})
+    scale, negative = name["guidance_scale"], name["negative_prompt"]
+    check_float(scale, guidance_scale, low=0, high=MAX_GUIDANCE, low_open=True)
+    if negative_prompt is None:
+        return
+    if not isinstance(negative_prompt, str):
+        raise TypeError(f"{negative} must be a str or None, got {type(negative_prompt).__name__}")
+    if not negative_prompt.strip():
+        raise ValueError(f"{negative} is blank; leave it out to guide against the empty text (all pads)")
+    if guidance_scale == 1.0:
+        raise ValueError(f"{negative} {negative_prompt!r} has no effect without guidance ({scale} 1): give {scale} "
+                         f"a value other than 1, e.g. 3, or leave {negative} out")
+
+
 def check_image_prompt(prompt: object, dalle: DalleModel) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes, mask)`` of ``prompt`` for ``sample_codes``'s ``forced_codes``/``forced_mask``, or a
     ``TypeError``/``ValueError`` when it is not an :class:`ImagePrompt`, its grid differs from the
@@ -238,16 +258,8 @@ def generate_images(
     check_sampling_args(top_k=top_k, top_p=top_p, temperature=temperature, vocab=cfg.image_vocab_size,
                         num_images=num_images, batch_size=batch_size, seed=seed)
     total = check_int("len(text) * num_images", len(prompts) * num_images, high=MAX_IMAGES)
-    check_float("guidance_scale", guidance_scale, low=0, high=MAX_GUIDANCE, low_open=True)
+    check_guidance(guidance_scale, negative_prompt)
     resolve_decoder(decoder, dalle.device, use_cache, dalle.dtype)
-    if negative_prompt is not None:
-        if not isinstance(negative_prompt, str):
-            raise TypeError(f"negative_prompt must be a str or None, got {type(negative_prompt).__name__}")
-        if guidance_scale == 1.0:
-            raise ValueError("negative_prompt has no effect with guidance_scale=1 (no guidance): pass "
-                             "guidance_scale != 1, e.g. 3.0, or drop negative_prompt")
-        if not negative_prompt.strip():
-            raise ValueError("negative_prompt is blank; for the empty text (all pads) leave negative_prompt=None")
     forced_codes, forced_mask = check_image_prompt(image_prompt, dalle) if image_prompt is not None else (None, None)
     for prompt in prompts:  # words outside tokenizer.vocabulary
         if unknown := getattr(tokenizer, "unknown_words", lambda _: [])(prompt):

@@ -76,10 +76,9 @@ def read_prompts(path: Path, *, num_images: int, guidance_scale: float,
                  negative_prompt: Optional[str]) -> list[PromptSpec]:
     """Every prompt of ``path`` (see the module docstring), each checked; the defaults come from the
     command line. Raises ``ValueError`` naming ``path:line`` and the bad value."""
-    from .checks import MAX_IMAGES, check_float, check_int
+    from .checks import MAX_IMAGES, check_int
     from .files import read_bounded
-    from .generation import _MAX_SEED
-    from .sampling import MAX_GUIDANCE
+    from .generation import _MAX_SEED, check_guidance
 
     raw = read_bounded(path, _MAX_FILE_BYTES, what="--prompts")
     try:
@@ -111,15 +110,9 @@ def read_prompts(path: Path, *, num_images: int, guidance_scale: float,
                           guidance_scale=fields.get("guidance_scale", guidance_scale))
         try:
             check_int("num_images", spec.num_images, high=MAX_IMAGES)
-            check_float("guidance_scale", spec.guidance_scale, low=0, high=MAX_GUIDANCE, low_open=True)
+            check_guidance(spec.guidance_scale, spec.negative_prompt)
             if spec.seed is not None:
                 check_int("seed", spec.seed, low=0, high=_MAX_SEED - spec.num_images)
-            if spec.negative_prompt is not None:
-                if not isinstance(spec.negative_prompt, str) or not spec.negative_prompt.strip():
-                    raise ValueError(f"negative_prompt must be a non-empty string, got {spec.negative_prompt!r}")
-                if spec.guidance_scale == 1.0:
-                    raise ValueError(f"negative_prompt {spec.negative_prompt!r} has no effect with guidance_scale "
-                                     "1; give a guidance_scale != 1")
         except (TypeError, ValueError) as err:
             raise _line_error(path, number, str(err)) from None
         specs.append(spec)

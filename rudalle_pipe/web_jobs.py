@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .checks import check_float, check_int
+from .checks import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def preset_pairs(vocab: int) -> list[tuple[str, int, float]]:
 def check_settings(settings: WebSettings, *, vocab: int) -> None:
     """Raise ``TypeError``/``ValueError`` naming the page's field, the bad value and the valid range,
     with the package's own validators, before any work (``vocab``: the generator's image codes)."""
-    from .generation import MAX_GUIDANCE, check_sampling_args
+    from .generation import check_guidance, check_sampling_args
 
     if not isinstance(settings.prompt, str) or not settings.prompt.strip():
         raise ValueError("the prompt is empty; type what to draw, e.g. 'большой красный круг в центре на сером фоне'")
@@ -94,13 +94,8 @@ def check_settings(settings: WebSettings, *, vocab: int) -> None:
     check_sampling_args(top_k=settings.top_k, top_p=settings.top_p, temperature=settings.temperature, vocab=vocab,
                         num_images=settings.num_images, batch_size=settings.batch_size, seed=settings.seed,
                         names=LABELS)
-    check_float("guidance scale", settings.guidance_scale, low=0, high=MAX_GUIDANCE, low_open=True)
-    if settings.negative_prompt is not None:
-        if not settings.negative_prompt.strip():
-            raise ValueError("the negative prompt is blank; leave it empty to guide against the empty text")
-        if settings.guidance_scale == 1.0:
-            raise ValueError("a negative prompt needs guidance: set the guidance scale to a value other than 1, "
-                             "e.g. 3, or clear the negative prompt")
+    check_guidance(settings.guidance_scale, settings.negative_prompt,
+                   names={"guidance_scale": "guidance scale", "negative_prompt": "negative prompt"})
 
 
 def as_int(label: str, value: object) -> int:

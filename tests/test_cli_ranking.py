@@ -202,7 +202,7 @@ def test_guidance_flags_reach_generate_images(pipe_dir, library, tmp_path, capsy
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--negative-prompt", OTHER], "--negative-prompt has no effect without guidance (--guidance-scale 1)"),
+    (["--negative-prompt", OTHER], f"--negative-prompt {OTHER!r} has no effect without guidance (--guidance-scale 1)"),
     (["--guidance-scale", "2", "--negative-prompt", "  "], "--negative-prompt is blank"),
     (["--guidance-scale", "0"], "--guidance-scale must be a finite number in (0, "),
     (["--guidance-scale", "nan"], "--guidance-scale must be a finite number in (0, "),

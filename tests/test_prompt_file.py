@@ -39,7 +39,7 @@ def test_prompt_files_are_checked_line_by_line(tmp_path):
     bad = {'{"text": "круг", "num_images": 0}': r"p\.jsonl:2: num_images must be in \[1, 4096\], got 0",
            '{"text": "круг", "colour": "red"}': r":2: unknown keys \['colour'\]; valid: \['text'",
            '{"text": ""}': r":2: 'text' must be a non-empty string, got ''",
-           '{"text": "круг", "negative_prompt": "синий"}': r":2: negative_prompt 'синий' has no effect",
+           '{"text": "круг", "negative_prompt": "синий"}': r":2: negative_prompt 'синий' has no effect without guidance",
            '{"text": "круг", "guidance_scale": "high"}': r":2: guidance_scale must be a finite number, got 'high'",
            '{"text": "круг", "seed": -1}': r":2: seed must be in \[0, ",
            '["круг"]': r":2: expected a JSON object",

@@ -37,8 +37,8 @@ def demo():
     ({"num_images": 257}, "candidates must be in [1, 256], got 257"),
     ({"prompt": "   "}, "the prompt is empty"),
     ({"guidance_scale": 0.0}, "guidance scale must be a finite number in (0, 50"),
-    ({"negative_prompt": "синий"}, "a negative prompt needs guidance"),
-    ({"negative_prompt": " ", "guidance_scale": 3.0}, "the negative prompt is blank"),
+    ({"negative_prompt": "синий"}, "negative prompt 'синий' has no effect without guidance (guidance scale 1)"),
+    ({"negative_prompt": " ", "guidance_scale": 3.0}, "negative prompt is blank"),
     ({"seed": -1}, "seed must be in [0,"),
 ])
 def test_check_settings_names_the_field_and_the_valid_range(change, message):
