@@ -326,12 +326,12 @@ def load_state_dict_lazily(
     module, so no second full copy of the weights is ever allocated. Buffers that the module
     computes itself (non-persistent) are rebuilt by the caller.
     """
-    expected = {k: v.shape for k, v in module.state_dict().items()}
-    check_state_dict(expected, state_dict, what=what)
+    own = module.state_dict()
+    check_state_dict({k: v.shape for k, v in own.items()}, state_dict, what=what)
     from .backend import small_tensor_threads
 
     converted = {}
-    largest = max((t.numel() * t.element_size() for t in module.state_dict().values()), default=0)
+    largest = max((t.numel() * t.element_size() for t in own.values()), default=0)
     with small_tensor_threads(largest):  # a small model's weights: one thread (see the backend)
         for key, tensor in state_dict.items():
             if dtype is not None and tensor.is_floating_point():
