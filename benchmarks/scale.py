@@ -4,7 +4,7 @@ Rerun with (about 6 minutes on a 2-core CPU, 24 GB of RAM; the original's column
 
     python benchmarks/scale.py                                   # ours only
     python benchmarks/scale.py --reference-python ~/.cache/ref-venv/bin/python   # and rudalle 1.1.3
-    python benchmarks/scale.py --full-run int8                   # also one real 1024-token image
+    python benchmarks/scale.py --full-run bf16                   # also real 1024-token images, one batch of each size
 
 ``--reference-python`` is an interpreter with the original package (``../shared/reference/make_ref_env.sh``
 builds one); without it that column is skipped.
@@ -37,7 +37,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FORMATS = ("fp32", "bf16", "int8")
+FORMATS = ("fp32", "bf16", "bf16-unpacked", "int8")  # bf16-unpacked: bf16 without oneDNN's packed weights
 
 
 def peak_rss_gb() -> float:
@@ -88,7 +88,7 @@ def worker(fmt: str, weights: str, batches: list, positions: list, reps: int, fu
     from generation import read_bandwidth  # benchmarks/generation.py: best streaming read of 1 GiB
 
     start = time.perf_counter()
-    dtype = torch.bfloat16 if fmt == "bf16" else torch.float32
+    dtype = torch.bfloat16 if fmt.startswith("bf16") else torch.float32
     model = get_rudalle_model("Malevich", checkpoint_path=weights, dtype=dtype)
     if fmt == "int8":
         quantize_int8(model)
@@ -121,7 +121,7 @@ def worker(fmt: str, weights: str, batches: list, positions: list, reps: int, fu
                 # 1 + reps consecutive steps, as generation runs them, the last at P (the first at P when P < reps):
                 # the static step keeps its contiguous copies of the span from one step to the next
                 cache.length = cfg.text_offset + max(0, P - reps)
-                with decoding_threads(model, B if decoder == "dynamic" else None):
+                with decoding_threads(model, B, packed=fmt != "bf16-unpacked"):  # as sample_codes selects it
                     if step is not None:
                         cells[P] = median_ms(lambda: step(token), reps)
                     else:
@@ -135,12 +135,14 @@ def worker(fmt: str, weights: str, batches: list, positions: list, reps: int, fu
                       file=sys.stderr, flush=True)
             out["steps_ms"][B], out["roofline_ms"][B] = cells, bound
             del cache, step
-        if full_run:
+        if full_run:  # real generation, as generate_images runs it: one batch of each size, 1024 codes per row
             text = torch.randint(1, cfg.vocab_size - cfg.text_seq_length, (cfg.text_seq_length,), generator=gen)
-            start = time.perf_counter()
-            sample_codes(model, text, seeds=[0], top_k=2048, top_p=0.995, batch_size=1, progress=False)
-            out["full_run_s"] = time.perf_counter() - start
-            print(f"  {fmt} one real image at batch 1: {out['full_run_s']:.1f} s", file=sys.stderr, flush=True)
+            out["full_run_s"] = {}
+            for B in batches:
+                start = time.perf_counter()
+                sample_codes(model, text, seeds=list(range(B)), top_k=2048, top_p=0.995, batch_size=B, progress=False)
+                out["full_run_s"][B] = time.perf_counter() - start
+                print(f"  {fmt} one real batch of {B}: {out['full_run_s'][B]:.1f} s", file=sys.stderr, flush=True)
     out["peak_rss_gb"] = peak_rss_gb()
     return out
 
@@ -213,7 +215,8 @@ def main() -> None:
     parser.add_argument("--reference-python", help="interpreter with rudalle 1.1.3 installed; omit to skip it")
     parser.add_argument("--reference-dir", default=os.path.join(HERE, "..", "..", "shared", "reference"),
                         help="folder of rudalle_compat.py (default ../shared/reference)")
-    parser.add_argument("--full-run", nargs="*", choices=FORMATS, default=[], help="formats to also time one real image")
+    parser.add_argument("--full-run", nargs="*", choices=[f for f in FORMATS if f != "bf16-unpacked"], default=[],
+                        help="formats to also time real images: one batch of each --batches size")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", choices=FORMATS, help=argparse.SUPPRESS)
     parser.add_argument("--reference-worker", action="store_true", help=argparse.SUPPRESS)
@@ -286,8 +289,13 @@ def report(results: dict, args) -> None:
             except (KeyError, TypeError, ZeroDivisionError):
                 pass
     for name, r in results.items():
-        extra = f", one real image {r['full_run_s']:.1f} s" if "full_run_s" in r else ""
-        print(f"{name}: loading {r['load_s']:.1f} s, peak RSS of loading {r['load_peak_rss_gb']:.1f} GB{extra}")
+        real = {int(k): v for k, v in r.get("full_run_s", {}).items()}
+        extra = "".join(f", one real batch of {B} {s:.1f} s ({s / B:.1f} s per image)" for B, s in real.items())
+        if len(real) > 1:
+            (b1, s1), (bn, sn) = min(real.items()), max(real.items())
+            extra += f", real time per image at batch {bn} / at batch {b1}: {sn / bn / (s1 / b1):.2f}"
+        print(f"{name}: loading {r['load_s']:.1f} s, peak RSS of loading {r['load_peak_rss_gb']:.1f} GB, "
+              f"of the whole run {r['peak_rss_gb']:.1f} GB{extra}")
 
 
 def _orig_total(orig: dict, B: int, n: int):

@@ -1,35 +1,44 @@
 """The CPU decode backend, all in one place: which products go through numpy's BLAS, the kernels used for
-them, torch's thread count while they run, and the int8 weight kernel.
+them, torch's thread count while they run, the int8 weight kernel, and oneDNN's packed bf16 weights.
 
 A decoding step is a matrix-vector product per layer, bound by how fast the weights stream from memory.
 PyTorch's MKL matrix-vector kernel reaches well under the memory bandwidth on some CPUs (measured 15 GB/s
 against numpy's OpenBLAS at 32 GB/s on a 38 GB/s AMD EPYC; see ``benchmarks/generation.py``). The
 generation loop therefore selects this backend explicitly with :func:`cpu_decoding`; inside it, fp32
 products of few rows on the CPU (no autograd) go through numpy in :func:`linear` and :func:`matmul`, and
-the results agree with torch to float rounding. Outside it (training, scoring, a plain forward) both are
-exactly torch's ``F.linear`` and ``@``, so the model's forward is the model alone.
+the results agree with torch to float rounding. In bf16, :func:`linear` instead multiplies by a copy of
+each weight that oneDNN has reordered once into its blocked layout (:func:`_packed_linear`): torch's own
+bf16 product handles the plain layout at every call, and at Malevich shape a batch-8 step took 115-154 ms
+that way against 80-108 ms packed (``benchmarks/scale.py --formats bf16 bf16-unpacked``). At batch 1 the two
+were within noise of each other, while packing 2.45 GB of weights takes a few seconds, so one row
+(``PACK_MIN_ROWS``) keeps torch's product. The copies live for one :func:`cpu_decoding` block: while a
+batch is generated, they cost the weights' memory again. Outside that block (training, scoring, a plain
+forward) both functions are exactly torch's ``F.linear`` and ``@``, so the model's forward is the model alone.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SMALL_ROWS", "PAIR_ROWS", "BLOCK_BYTES", "uses_numpy_blas", "linear", "matmul", "cpu_decoding",
+__all__ = ["SMALL_ROWS", "PAIR_ROWS", "PACK_MIN_ROWS", "BLOCK_BYTES", "uses_numpy_blas", "linear", "matmul", "cpu_decoding",
            "decoding_threads", "small_tensor_threads", "Int8Weight", "quantize_weight"]
 
 SMALL_ROWS = 64  # rows (batch x new positions) up to which decoding uses the numpy path
 PAIR_ROWS = 4  # up to this many rows, large weights are read from memory once, block by block (_few_rows)
 BLOCK_BYTES = 2 << 20  # weight bytes per block (256 rows at hidden 2048): measured best of 128 KiB-8 MiB blocks
+PACK_MIN_ROWS = 2  # bf16 decoding of at least this many rows multiplies by packed weights (batch 1: no gain)
 _PAIR_MIN_WEIGHT = 1 << 20  # weights smaller than this (elements) fit in cache anyway: one sgemm
 
 
 _SELECTED: ContextVar[bool] = ContextVar("rudalle_pipe_cpu_decoding", default=False)  # set by cpu_decoding
+_PACKED: ContextVar[Optional[dict]] = ContextVar("rudalle_pipe_packed", default=None)  # set by cpu_decoding (bf16)
 
 
 def _eligible(device: torch.device, dtype: torch.dtype, rows: int) -> bool:
@@ -58,6 +67,31 @@ def _few_rows(weight: np.ndarray, flat: np.ndarray) -> np.ndarray:
     return out
 
 
+@lru_cache(maxsize=None)
+def _can_pack() -> bool:
+    """Whether this torch and CPU can multiply by packed bf16 weights (oneDNN built in, bf16 instructions)."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    try:
+        return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+                and hasattr(ops, "_linear_pointwise") and bool(ops._is_mkldnn_bf16_supported()))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _packed_linear(packs: dict, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   rows: int) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for ``rows`` rows of bf16 ``x [..., in]``, through a copy of ``weight`` that
+    oneDNN keeps in its blocked layout for ``packs["rows"]`` rows. The copy is made on the weight's first use
+    and kept in ``packs``, keyed by the weight's memory, which the entry holds on to so that the key stays
+    unique (a row slice such as the image part of the head is a weight of its own)."""
+    key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()))
+    entry = packs.get(key)
+    if entry is None:
+        entry = packs[key] = (weight, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), packs["rows"]))
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), entry[1], bias, "none", [], "")
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; inside :func:`cpu_decoding` (fp32, CPU, no autograd, at most
     ``SMALL_ROWS`` rows) the product goes through numpy's BLAS instead (one row: sgemv; 2-``PAIR_ROWS`` rows with a
@@ -66,6 +100,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if isinstance(weight, Int8Weight):
         return weight.linear(x, bias)
     rows = x.numel() // x.shape[-1] if x.numel() else 0
+    packs = _PACKED.get()
+    if packs is not None and 0 < rows <= SMALL_ROWS and x.dtype == weight.dtype == torch.bfloat16 \
+            and weight.dim() == 2 and not torch.is_grad_enabled() and x.device.type == "cpu" \
+            and (bias is None or bias.dtype == torch.bfloat16):
+        return _packed_linear(packs, x, weight, bias, rows)
     if torch.is_grad_enabled() or weight.dtype != x.dtype or not uses_numpy_blas(x.device, x.dtype, rows):
         return F.linear(x, weight, bias)
     flat = x.detach().reshape(rows, x.shape[-1]).numpy()
@@ -164,14 +203,25 @@ def _blas_threads(model):
 
 
 @contextmanager
-def cpu_decoding(model, rows: Optional[int]) -> Iterator[None]:
+def cpu_decoding(model, rows: Optional[int], *, packed: bool = True) -> Iterator[None]:
     """Select this backend while decoding ``rows`` sequences of ``model`` (anything with ``.device`` and
-    ``.dtype``): on a CPU in fp32, :func:`linear` and :func:`matmul` take the numpy path, and torch runs
+    ``.dtype``). In bf16 on a CPU that has bf16 instructions, for ``PACK_MIN_ROWS`` to ``SMALL_ROWS`` rows and
+    with ``packed``, :func:`linear` multiplies by
+    packed copies of the weights (see the module's docstring), dropped on the way out. In fp32 on a CPU,
+    :func:`linear` and :func:`matmul` take the numpy path, and torch runs
     single-threaded so that its idle OpenMP workers do not spin against BLAS's threads (measured: 48 ms
     vs 16 ms per step for a hidden-2048 model on 2 cores), and a small model's BLAS products run on one
     thread (:func:`_blas_threads`); all of it is undone on the way out. ``rows=None``,
     another device or dtype, or more than ``SMALL_ROWS`` rows select nothing. A quantized model
     (:func:`rudalle_pipe.quantize_int8`) keeps torch's threads: its products run in torch's int8 kernel."""
+    if packed and rows is not None and PACK_MIN_ROWS <= rows <= SMALL_ROWS and model.device.type == "cpu" \
+            and model.dtype == torch.bfloat16 and _can_pack():
+        packing = _PACKED.set({"rows": rows})
+        try:
+            yield
+        finally:
+            _PACKED.reset(packing)
+        return
     if rows is None or not _eligible(model.device, model.dtype, rows):
         yield
         return

@@ -118,3 +118,60 @@ def test_small_models_load_on_one_torch_thread(threshold, monkeypatch):
         torch.set_num_threads(before)
     assert seen == ([1, 1] if threshold is None else [2, 2])
     assert module.weight.dtype == torch.float16 and module.weight.device.type == "cpu"
+
+
+CPU_BF16 = SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16)
+needs_packing = pytest.mark.skipif(not backend._can_pack(), reason="this torch or CPU has no oneDNN bf16 products")
+
+
+@needs_packing
+@pytest.mark.parametrize("rows", [2, 3, 8])
+def test_bf16_products_inside_cpu_decoding_use_packed_weights_made_once(rows):
+    torch.manual_seed(rows)
+    head, bias = torch.randn(96, 256).bfloat16(), torch.randn(96).bfloat16()
+    x = torch.randn(rows, 1, 256).bfloat16()
+    want = torch.nn.functional.linear(x.double(), head[32:].double(), bias[32:].double())
+    with torch.inference_mode(), backend.cpu_decoding(CPU_BF16, rows):
+        packs = backend._PACKED.get()
+        got = backend.linear(x, head[32:], bias[32:])  # a row slice, as the image part of the head is
+        (entry,) = [v for k, v in packs.items() if k != "rows"]
+        again = backend.linear(x, head[32:], bias[32:])
+        assert [v for k, v in packs.items() if k != "rows"] == [entry]  # packed once, found again
+        backend.linear(x, head[:32])
+        assert len(packs) == 3 and packs["rows"] == rows  # another weight: another copy
+        assert entry[1].is_mkldnn and entry[0].data_ptr() == head[32:].data_ptr()
+    assert backend._PACKED.get() is None  # the copies go with the block
+    assert got.shape == (rows, 1, 64) and got.dtype == torch.bfloat16 and torch.equal(got, again)
+    assert (got.double() - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+@needs_packing
+def test_packing_is_chosen_only_for_bf16_decoding_without_autograd():
+    for model, rows, packed in ((CPU_FP32, 2, True), (CPU_BF16, None, True), (CPU_BF16, 1, True),
+                                (CPU_BF16, backend.SMALL_ROWS + 1, True), (CPU_BF16, 2, False),
+                                (SimpleNamespace(device=torch.device("meta"), dtype=torch.bfloat16), 2, True)):
+        with backend.cpu_decoding(model, rows, packed=packed):
+            assert backend._PACKED.get() is None, (model, rows, packed)
+    x, weight = torch.randn(2, 64).bfloat16(), torch.randn(32, 64).bfloat16()
+    with backend.cpu_decoding(CPU_BF16, 2):
+        w = weight.clone().requires_grad_()
+        backend.linear(x, w).sum().backward()  # training: torch's product, with autograd
+        assert w.grad is not None and len(backend._PACKED.get()) == 1
+        with torch.inference_mode():
+            assert torch.equal(backend.linear(x.float(), weight.float()), x.float() @ weight.float().T)
+            assert len(backend._PACKED.get()) == 1  # fp32 products in a bf16 block are torch's
+
+
+@pytest.mark.slow
+@needs_packing
+def test_bf16_greedy_codes_with_packed_weights_agree_with_torchs_products(monkeypatch):
+    from rudalle_pipe import generate_images
+    from rudalle_pipe.pipeline import load_pipeline
+
+    pipe = load_pipeline("demo", clip=False, upscaler=False, dtype=torch.bfloat16)
+    prompts = ["красный круг", "синий квадрат", "зелёный треугольник"]
+    args = dict(top_k=1, top_p=1.0, num_images=2, seed=0, progress=False)  # 6 rows in one batch: packed
+    packed = generate_images(prompts, pipe.tokenizer, pipe.dalle, pipe.vae, **args).codes
+    monkeypatch.setattr(backend, "_can_pack", lambda: False)
+    plain = generate_images(prompts, pipe.tokenizer, pipe.dalle, pipe.vae, **args).codes
+    assert (packed == plain).float().mean() >= 0.99
