@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .checks import check_count, check_float, check_int
 from .backend import cpu_decoding, decoding_threads
-from .dalle import DalleModel
+from .dalle import DalleModel, KVCache
 from .static_decode import StaticDecoder, resolve_decoder
 from .previews import GenerationCancelled, StepCallback, run_callback
 
@@ -257,6 +257,27 @@ def sample_codes(
     return codes, torch.cat(all_ppl)
 
 
+def _prefill(dalle: DalleModel, prefix: torch.Tensor, use_cache: bool) -> tuple[torch.Tensor, Optional[KVCache]]:
+    """The texts ``prefix [R, T]`` through the model: the last position's image logits ``[R, V_img]`` and, with
+    ``use_cache``, a cache of ``R`` rows holding them. Each distinct text runs once and its cache rows are
+    copied to the rows that repeat it: ``num_images`` pictures of one prompt (and the unconditional rows of
+    guidance, all alike) share one prefill, which at Malevich shape and batch 8 took 3.5 of 105 s."""
+    if use_cache:
+        unique, inverse = torch.unique(prefix, dim=0, return_inverse=True)  # (U, T), (R,)
+        if len(unique) < len(prefix):
+            cache = dalle.init_cache(len(unique))
+            with cpu_decoding(dalle, unique.numel()):
+                logits = dalle(unique, past_key_values=cache, use_cache=True, image_logits_only=True,
+                               last_only=True).logits[:, -1]
+            cache.reorder(inverse)
+            return logits.index_select(0, inverse), cache
+    cache = dalle.init_cache(len(prefix)) if use_cache else None
+    with cpu_decoding(dalle, prefix.numel()):  # the CPU backend only where the prefill is a few rows
+        logits = dalle(prefix, past_key_values=cache, use_cache=use_cache, image_logits_only=True,
+                       last_only=True).logits[:, -1]
+    return logits, cache
+
+
 def _sample_batch(dalle: DalleModel, text: torch.Tensor, uncond: Optional[torch.Tensor], seeds: Sequence[int], *,
                   filters: dict, guidance_scale: float, use_cache: bool, forced_codes: Optional[torch.Tensor],
                   forced_mask: torch.Tensor, bar, callback: Optional[StepCallback], callback_steps: int,
@@ -274,12 +295,9 @@ def _sample_batch(dalle: DalleModel, text: torch.Tensor, uncond: Optional[torch.
     nll = torch.zeros(B, n_img, dtype=torch.float32, device=device)
     prefix = text if uncond is None else torch.cat((text, uncond))  # (R, T): R = B, or 2B pairs (i, B + i)
     R = prefix.shape[0]
-    cache = dalle.init_cache(R) if use_cache else None
-    step = None
+    step = cache = None
     try:
-        with cpu_decoding(dalle, prefix.numel()):  # the CPU backend only where the prefill is a few rows
-            logits = dalle(prefix, past_key_values=cache, use_cache=use_cache, image_logits_only=True,
-                           last_only=True).logits[:, -1]  # prefill the texts once: (R, vocab), image codes only
+        logits, cache = _prefill(dalle, prefix, use_cache)  # (R, vocab), image codes only
         step = StaticDecoder(dalle, cache) if static else None
         with cpu_decoding(dalle, R if use_cache else None):  # selects the CPU decode backend (backend.py)
             for p in range(n_img):

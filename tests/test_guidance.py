@@ -67,12 +67,37 @@ def test_scale_one_does_not_double_the_batch_and_guidance_does(model, monkeypatc
     calls, caches, handle = rows_seen(model, monkeypatch)
     try:
         sample_codes(model, TEXT, seeds=[1, 2, 3], batch_size=3, guidance_scale=1.0, **ARGS)
-        assert set(calls) == {3} and len(calls) == N and caches == [3]  # prefill + N-1 steps, one cache
+        assert calls == [1] + [3] * (N - 1) and caches == [1]  # one prefill of the one text, its cache copied
         calls.clear(), caches.clear()
         sample_codes(model, TEXT, seeds=[1, 2, 3], batch_size=3, guidance_scale=3.0, **ARGS)
-        assert set(calls) == {6} and len(calls) == N and caches == [6]  # both halves in one batch, one cache
+        assert calls == [2] + [6] * (N - 1) and caches == [2]  # both halves in one batch, one cache
+        calls.clear(), caches.clear()
+        texts = torch.stack([TEXT, OTHER, TEXT])
+        sample_codes(model, texts, seeds=[1, 2, 3], batch_size=3, guidance_scale=3.0, **ARGS)
+        assert calls == [3] + [6] * (N - 1) and caches == [3]  # two texts and the empty one
+        calls.clear(), caches.clear()
+        sample_codes(model, TEXT, seeds=[1, 2], batch_size=3, guidance_scale=3.0, uncond_ids=OTHER, use_cache=False,
+                     **ARGS)
+        assert calls == [4] * N and caches == []  # without a cache every step is the whole sequence of all rows
     finally:
         handle.remove()
+
+
+@torch.inference_mode()
+def test_repeated_texts_are_prefilled_once_with_the_result_of_each_alone(model):
+    from rudalle_pipe.sampling import _prefill
+
+    prefix = torch.stack([TEXT, OTHER, TEXT, TEXT])
+    logits, cache = _prefill(model, prefix, use_cache=True)
+    assert logits.shape == (4, model.config.image_vocab_size) and cache.length == TEXT_LEN
+    for row, text in enumerate(prefix):
+        alone, own = _prefill(model, text[None], use_cache=True)
+        assert torch.allclose(logits[row], alone[0], rtol=0, atol=1e-5)  # products of 2 rows round unlike 1's
+        for k, v, k1, v1 in zip(cache.keys, cache.values, own.keys, own.values):
+            assert k.shape[0] == 4 and torch.allclose(k[row], k1[0], rtol=0, atol=1e-5)
+            assert torch.allclose(v[row], v1[0], rtol=0, atol=1e-5)
+    assert torch.equal(logits[0], logits[2]) and torch.equal(logits[0], logits[3])  # one prefill, copied
+    assert all(torch.equal(k[0], k[3]) and torch.equal(v[2], v[3]) for k, v in zip(cache.keys, cache.values))
 
 
 @pytest.mark.parametrize("version", ["v3", "v2"])
