@@ -69,12 +69,17 @@ def _few_rows(weight: np.ndarray, flat: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=None)
 def _can_pack() -> bool:
-    """Whether this torch and CPU can multiply by packed bf16 weights (oneDNN built in, bf16 instructions)."""
-    ops = getattr(torch.ops, "mkldnn", None)
+    """Whether this torch and CPU multiply by packed bf16 weights, and get torch's product: checked once on a
+    small product, so that a torch whose private oneDNN ops changed falls back to ``F.linear``."""
     try:
-        return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
-                and hasattr(ops, "_linear_pointwise") and bool(ops._is_mkldnn_bf16_supported()))
-    except (AttributeError, RuntimeError):
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
+        gen = torch.Generator().manual_seed(0)
+        x, weight = (torch.randn(shape, generator=gen).bfloat16() for shape in ((2, 32), (48, 32)))
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 2)
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return bool(torch.allclose(got.float(), F.linear(x.float(), weight.float()), rtol=0, atol=0.1))
+    except (AttributeError, RuntimeError, TypeError, NotImplementedError):
         return False
 
 

@@ -175,3 +175,19 @@ def test_bf16_greedy_codes_with_packed_weights_agree_with_torchs_products(monkey
     monkeypatch.setattr(backend, "_can_pack", lambda: False)
     plain = generate_images(prompts, pipe.tokenizer, pipe.dalle, pipe.vae, **args).codes
     assert (packed == plain).float().mean() >= 0.99
+
+
+def test_a_torch_whose_packed_product_fails_or_differs_keeps_torchs_product(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("the op's schema changed")
+
+    for replacement in (broken, lambda x, w, b, *rest: torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype)):
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", replacement)
+        backend._can_pack.cache_clear()
+        try:
+            assert not backend._can_pack()
+            with backend.cpu_decoding(CPU_BF16, 8):
+                assert backend._PACKED.get() is None
+        finally:
+            monkeypatch.undo()
+            backend._can_pack.cache_clear()
