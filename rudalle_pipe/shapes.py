@@ -49,7 +49,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {  # >= 112 from every allowed ob
 HELD_OUT_PAIRS = (("оранжевый", "квадрат"), ("синий", "круг"), ("жёлтый", "ромб"), ("зелёный", "треугольник"))
 SPLITS = ("train", "heldout", "all")
 
-_EXTENT = {"маленький": 0.25, "большой": 0.45}  # longer bbox side, fraction of the canvas
+_EXTENT = {"маленький": 0.32, "большой": 0.50}  # longer bbox side, fraction of the canvas
 _CENTRES = {"слева": (0.27, 0.5), "справа": (0.73, 0.5), "сверху": (0.5, 0.27),
             "снизу": (0.5, 0.73), "в центре": (0.5, 0.5)}  # bbox centre (x, y), y down
 
@@ -152,7 +152,7 @@ def _coverage(pts: np.ndarray, size: int, supersample: int) -> np.ndarray:
 # Variety within a caption (``render(..., variant=k)``): every draw stays inside what the caption
 # says and what ``detect`` reads back (checked on 2000 varied renders by the tests and the benchmark).
 JITTER_SHIFT = 0.04  # bbox-centre offset per axis, fraction of the canvas (class centres are 0.23 apart)
-JITTER_SCALE = 0.08  # extent multiplied by 1 +- this (small 0.25 vs large 0.45 stay far apart)
+JITTER_SCALE = 0.08  # extent multiplied by 1 +- this (small 0.32 vs large 0.50 stay far apart)
 JITTER_DEGREES = 10.0  # rotation +- this, about the bbox centre
 JITTER_OBJECT = 14  # per-channel object colour shift +- this (palette colours are >= 105 apart)
 JITTER_BACKGROUND = 8  # per-channel background shade shift +- this

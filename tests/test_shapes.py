@@ -108,7 +108,7 @@ def test_sizes_and_positions_are_distinct():
     for shape in SHAPES:
         small, _ = area_and_centre(Scene(shape, "белый", "маленький", "в центре", "чёрный"))
         large, _ = area_and_centre(Scene(shape, "белый", "большой", "в центре", "чёрный"))
-        assert large > 2.5 * small, shape
+        assert large > 2 * small, shape  # nominal areas 0.32² vs 0.50² of the canvas (2.44x)
         _, left = area_and_centre(Scene(shape, "белый", "большой", "слева", "чёрный"))
         _, right = area_and_centre(Scene(shape, "белый", "большой", "справа", "чёрный"))
         _, top = area_and_centre(Scene(shape, "белый", "большой", "сверху", "чёрный"))
