@@ -431,9 +431,9 @@ SIDE = pipe.dalle.config.image_tokens_per_dim  # codes per side
 TOP_K, TOP_P = min(2048, pipe.dalle.config.image_vocab_size), 0.995
 
 PHOTO = None  # on a Hub model: your own picture, e.g. Image.open("my_photo.jpg")
-scene = shapes.Scene("круг", "красный", "большой", "в центре", "серый")
+scene = shapes.Scene("круг", "красный", "большой", "снизу", "серый")
 if PHOTO is None:
-    PHOTO = shapes.render(scene, RES)  # a big red circle in the centre on a grey background
+    PHOTO = shapes.render(scene, RES)  # a big red circle at the bottom on grey: its top quarter is background
 PHOTO = prepare_image(PHOTO, RES)     # RGB, RES x RES (resize and centre crop): what the VQGAN sees
 ZOOM = max(1, 128 // RES)             # show the 64 px demo pictures twice as big
 TEXT = shapes.caption(scene)          # the caption of the picture as it is
@@ -462,8 +462,9 @@ if DEMO:  # the demo pictures can be read back automatically
         new_markdown_cell("""## 2. Inpaint a hole
 
 A mask the size of the picture, white (255) where the picture is kept and black where the model should
-draw: here a square hole over the object. `ImagePrompt.from_mask` keeps every code whose whole
-patch is white; we generate with the same caption, so the model redraws the object.
+draw: here a square hole over the middle of the picture, which takes the object's upper half.
+`ImagePrompt.from_mask` keeps every code whose whole patch is white; we generate with the same caption,
+so the model redraws the object.
 
 The VQGAN round trip changes even the kept codes' pixels a little (its codes are a lossy summary), so
 `paste_back` puts the kept pixels of the input back exactly, blending into the new part over

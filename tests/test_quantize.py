@@ -3,8 +3,12 @@
 Bounds, measured on the CPU and stated once here:
 - logits of the dalle_v3 fixture (4 layers, hidden 64, random weights; full forward on its cases): max |diff|
   from fp32 <= ``LOGIT_TOL`` of the largest |logit| (measured 1.5%), arg-max agreeing at >= 98.5% (99.1%);
-- greedy codes over a whole image: >= 99% of positions on the trained demo (measured 99.6%); on the random
-  fixture, whose top logits nearly tie everywhere, >= 90% (measured 93.2%; bf16 weights give 96.3%).
+- greedy codes over a whole image of the trained demo: teacher-forced (each position after fp32's own codes),
+  int8 picks fp32's code at >= 99% of positions (measured 99.2%; bf16 99.8%), and only where fp32's two best
+  logits are within 0.15 (measured <= 0.1). Free-running, one such flip redraws the rest of the picture: since
+  the demo was retrained to draw varied pictures, 5 of 8 images come out identical (71% of positions; the
+  demo before that, which drew one picture per caption, agreed at 99.6%). On the random fixture, whose top
+  logits nearly tie everywhere, >= 90% of free-running positions (measured 93.2%; bf16 weights give 96.3%).
 """
 from __future__ import annotations
 
@@ -95,12 +99,24 @@ def test_quantized_cached_steps_match_its_full_forward(decoder):
 
 @pytest.mark.slow
 def test_int8_greedy_codes_agree(fixtures_dir):
+    from rudalle_pipe.tokenizer import prepare_text
+
     pipe = load_pipeline("demo", clip=False, upscaler=False)
     args = dict(top_k=1, top_p=1.0, num_images=1, seed=0, progress=False)
     want = generate_images(PROMPTS, pipe.tokenizer, pipe.dalle, pipe.vae, **args).codes
-    quantize_int8(pipe.dalle)
-    got = generate_images(PROMPTS, pipe.tokenizer, pipe.dalle, pipe.vae, **args).codes
-    assert (got == want).float().mean() >= 0.99
+    int8 = quantize_int8(load_pipeline("demo", clip=False, upscaler=False).dalle)
+    # teacher-forced: at every position of fp32's greedy image, int8 picks fp32's code, but for near-ties
+    T = pipe.dalle.config.text_seq_length
+    text = torch.stack([pipe.tokenizer.encode_text(prepare_text(p), T) for p in PROMPTS])
+    with torch.inference_mode():
+        ref = pipe.dalle(torch.cat([text, want], 1), image_logits_only=True).logits[:, T - 1 : -1]
+        got = int8(torch.cat([text, want], 1), image_logits_only=True).logits[:, T - 1 : -1]
+    flips = got.argmax(-1) != ref.argmax(-1)
+    top2 = ref.topk(2, dim=-1).values
+    assert flips.float().mean() <= 0.01 and ((top2[..., 0] - top2[..., 1])[flips] < 0.15).all()
+    # free-running, one such flip redraws the rest of the picture: most images still come out the same
+    free = generate_images(PROMPTS, pipe.tokenizer, int8, pipe.vae, **args).codes
+    assert (free == want).all(dim=1).float().mean() >= 0.5
     kw = dict(checkpoint_path=fixtures_dir / "dalle_v3" / "pytorch_model.bin", num_layers=4, hidden_size=64,
               num_attention_heads=4)
     from safetensors.torch import load_file
