@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SMALL_ROWS", "PAIR_ROWS", "PACK_MIN_ROWS", "BLOCK_BYTES", "uses_numpy_blas", "linear", "matmul", "cpu_decoding",
-           "decoding_threads", "small_tensor_threads", "Int8Weight", "quantize_weight"]
+__all__ = ["SMALL_ROWS", "PAIR_ROWS", "PACK_MIN_ROWS", "BLOCK_BYTES", "uses_numpy_blas", "linear", "matmul",
+           "cpu_decoding", "decoding_threads", "small_tensor_threads", "Int8Weight", "quantize_weight"]
 
 SMALL_ROWS = 64  # rows (batch x new positions) up to which decoding uses the numpy path
 PAIR_ROWS = 4  # up to this many rows, large weights are read from memory once, block by block (_few_rows)
@@ -100,8 +100,9 @@ def _packed_linear(packs: dict, x: torch.Tensor, weight: torch.Tensor, bias: Opt
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; inside :func:`cpu_decoding` (fp32, CPU, no autograd, at most
     ``SMALL_ROWS`` rows) the product goes through numpy's BLAS instead (one row: sgemv; 2-``PAIR_ROWS`` rows with a
-    large weight: blocked sgemv, see :func:`_few_rows`; more: sgemm). An :class:`Int8Weight` (see
-    :func:`rudalle_pipe.quantize_int8`) goes through its int8 kernel."""
+    large weight: blocked sgemv, see :func:`_few_rows`; more: sgemm). Inside a bf16 block of
+    :func:`cpu_decoding`, bf16 products without autograd go through packed weights (:func:`_packed_linear`).
+    An :class:`Int8Weight` (see :func:`rudalle_pipe.quantize_int8`) goes through its int8 kernel."""
     if isinstance(weight, Int8Weight):
         return weight.linear(x, bias)
     rows = x.numel() // x.shape[-1] if x.numel() else 0
@@ -211,10 +212,9 @@ def _blas_threads(model):
 def cpu_decoding(model, rows: Optional[int], *, packed: bool = True) -> Iterator[None]:
     """Select this backend while decoding ``rows`` sequences of ``model`` (anything with ``.device`` and
     ``.dtype``). In bf16 on a CPU that has bf16 instructions, for ``PACK_MIN_ROWS`` to ``SMALL_ROWS`` rows and
-    with ``packed``, :func:`linear` multiplies by
-    packed copies of the weights (see the module's docstring), dropped on the way out. In fp32 on a CPU,
-    :func:`linear` and :func:`matmul` take the numpy path, and torch runs
-    single-threaded so that its idle OpenMP workers do not spin against BLAS's threads (measured: 48 ms
+    with ``packed``, :func:`linear` multiplies by packed copies of the weights (see the module's docstring),
+    dropped on the way out. In fp32 on a CPU, :func:`linear` and :func:`matmul` take the numpy path, and torch
+    runs single-threaded so that its idle OpenMP workers do not spin against BLAS's threads (measured: 48 ms
     vs 16 ms per step for a hidden-2048 model on 2 cores), and a small model's BLAS products run on one
     thread (:func:`_blas_threads`); all of it is undone on the way out. ``rows=None``,
     another device or dtype, or more than ``SMALL_ROWS`` rows select nothing. A quantized model
