@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Iterator, Optional
 
@@ -38,7 +38,18 @@ _PAIR_MIN_WEIGHT = 1 << 20  # weights smaller than this (elements) fit in cache 
 
 
 _SELECTED: ContextVar[bool] = ContextVar("rudalle_pipe_cpu_decoding", default=False)  # set by cpu_decoding
-_PACKED: ContextVar[Optional[dict]] = ContextVar("rudalle_pipe_packed", default=None)  # set by cpu_decoding (bf16)
+
+
+@dataclass
+class _Packs:
+    """The packed bf16 weights of one :func:`cpu_decoding` block, packed for ``rows`` rows: ``weights`` maps a
+    weight's memory (pointer, shape, strides) to ``(the weight, its packed copy)``."""
+
+    rows: int
+    weights: dict = field(default_factory=dict)
+
+
+_PACKED: ContextVar[Optional[_Packs]] = ContextVar("rudalle_pipe_packed", default=None)  # set by cpu_decoding
 
 
 def _eligible(device: torch.device, dtype: torch.dtype, rows: int) -> bool:
@@ -83,16 +94,17 @@ def _can_pack() -> bool:
         return False
 
 
-def _packed_linear(packs: dict, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def _packed_linear(packs: _Packs, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    rows: int) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``rows`` rows of bf16 ``x [..., in]``, through a copy of ``weight`` that
-    oneDNN keeps in its blocked layout for ``packs["rows"]`` rows. The copy is made on the weight's first use
-    and kept in ``packs``, keyed by the weight's memory, which the entry holds on to so that the key stays
+    oneDNN keeps in its blocked layout for ``packs.rows`` rows. The copy is made on the weight's first use
+    and kept in ``packs.weights``, keyed by the weight's memory, which the entry holds on to so that the key stays
     unique (a row slice such as the image part of the head is a weight of its own)."""
     key = (weight.data_ptr(), tuple(weight.shape), tuple(weight.stride()))
-    entry = packs.get(key)
+    entry = packs.weights.get(key)
     if entry is None:
-        entry = packs[key] = (weight, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), packs["rows"]))
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), packs.rows)
+        entry = packs.weights[key] = (weight, packed)
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), entry[1], bias, "none", [], "")
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -221,7 +233,7 @@ def cpu_decoding(model, rows: Optional[int], *, packed: bool = True) -> Iterator
     (:func:`rudalle_pipe.quantize_int8`) keeps torch's threads: its products run in torch's int8 kernel."""
     if packed and rows is not None and PACK_MIN_ROWS <= rows <= SMALL_ROWS and model.device.type == "cpu" \
             and model.dtype == torch.bfloat16 and _can_pack():
-        packing = _PACKED.set({"rows": rows})
+        packing = _PACKED.set(_Packs(rows))
         try:
             yield
         finally:

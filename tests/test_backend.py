@@ -134,11 +134,11 @@ def test_bf16_products_inside_cpu_decoding_use_packed_weights_made_once(rows):
     with torch.inference_mode(), backend.cpu_decoding(CPU_BF16, rows):
         packs = backend._PACKED.get()
         got = backend.linear(x, head[32:], bias[32:])  # a row slice, as the image part of the head is
-        (entry,) = [v for k, v in packs.items() if k != "rows"]
+        (entry,) = packs.weights.values()
         again = backend.linear(x, head[32:], bias[32:])
-        assert [v for k, v in packs.items() if k != "rows"] == [entry]  # packed once, found again
+        assert list(packs.weights.values()) == [entry]  # packed once, found again
         backend.linear(x, head[:32])
-        assert len(packs) == 3 and packs["rows"] == rows  # another weight: another copy
+        assert len(packs.weights) == 2 and packs.rows == rows  # another weight: another copy
         assert entry[1].is_mkldnn and entry[0].data_ptr() == head[32:].data_ptr()
     assert backend._PACKED.get() is None  # the copies go with the block
     assert got.shape == (rows, 1, 64) and got.dtype == torch.bfloat16 and torch.equal(got, again)
@@ -156,10 +156,10 @@ def test_packing_is_chosen_only_for_bf16_decoding_without_autograd():
     with backend.cpu_decoding(CPU_BF16, 2):
         w = weight.clone().requires_grad_()
         backend.linear(x, w).sum().backward()  # training: torch's product, with autograd
-        assert w.grad is not None and len(backend._PACKED.get()) == 1
+        assert w.grad is not None and len(backend._PACKED.get().weights) == 0
         with torch.inference_mode():
             assert torch.equal(backend.linear(x.float(), weight.float()), x.float() @ weight.float().T)
-            assert len(backend._PACKED.get()) == 1  # fp32 products in a bf16 block are torch's
+            assert len(backend._PACKED.get().weights) == 0  # fp32 products in a bf16 block are torch's
 
 
 @pytest.mark.slow
