@@ -55,7 +55,7 @@ def best_of_seeds(argv: list[str], count: int) -> None:
     from rudalle_pipe.cli import DEFAULT_TOP_K
     from rudalle_pipe.pipeline import load_pipeline
 
-    if any(a.startswith("-") for a in argv[2:]) or argv[0] != "generate" or len(argv) != 2:
+    if len(argv) != 2 or argv[0] != "generate":
         raise SystemExit(f"--seeds expects the README's command to be 'generate TEXT', got {shlex.join(argv)}")
     text, pipe = argv[1], load_pipeline("demo", upscaler=False)
     target, misses = shapes.parse_caption(text), []
